@@ -1,0 +1,211 @@
+"""Parts and receipts: the unit of work, retry and completion of every stage.
+
+``DIR/part-000123.<ext>`` is written to a temp name, fsynced, validated (readable, expected rows), renamed,
+and the folder fsynced; then ``DIR/_parts/part-000123.json`` (the receipt) is written the same way. A part
+without a valid receipt does not exist. Receipts carry the stage's fingerprint: a folder never mixes parts
+made with different parameters.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from pipeline import __version__
+from pipeline.atomic import publish, remove_stale_temps, staged, write_atomic
+from pipeline.errors import FingerprintMismatch, IntegrityError
+from pipeline.hashing import sha256_file, sha256_json
+
+log = logging.getLogger(__name__)
+RECEIPTS = "_parts"
+
+
+def part_name(index: int) -> str:
+    """``part-000123`` for part 123."""
+    return f"part-{index:06d}"
+
+
+def fingerprint(stage: str, params: dict, code_version: str) -> dict:
+    """The parameters that change a stage's output, and their hash (stored in every receipt)."""
+    body = {"stage": stage, "code_version": code_version, "params": params}
+    return {"hash": sha256_json(body), **body}
+
+
+@dataclass
+class PartResult:
+    """What a stage hands the store for one part, besides the file itself."""
+
+    expected_rows: int | None = None
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    input: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class PartStore:
+    """One stage's output folder: commit parts atomically, read receipts, refuse mixed fingerprints.
+
+    Args:
+        out_dir: the stage's output folder.
+        suffix: the parts' file extension (``.parquet``, ``.tar``).
+        fp: the stage's fingerprint (see ``fingerprint``).
+        count_rows: returns a written file's rows/samples; it must raise on an unreadable file.
+    """
+
+    def __init__(self, out_dir: Path, suffix: str, fp: dict, count_rows: Callable[[Path], int]):
+        self.out_dir = Path(out_dir)
+        self.suffix = suffix
+        self.fp = fp
+        self.count_rows = count_rows
+        self.receipts_dir = self.out_dir / RECEIPTS
+
+    def part_path(self, index: int) -> Path:
+        return self.out_dir / f"{part_name(index)}{self.suffix}"
+
+    def receipt_path(self, index: int) -> Path:
+        return self.receipts_dir / f"{part_name(index)}.json"
+
+    def failure_path(self, index: int) -> Path:
+        return self.receipts_dir / f"{part_name(index)}.failed.json"
+
+    def prepare(self) -> None:
+        """Create the folders, refuse a foreign fingerprint, remove temps of dead writers."""
+        self.receipts_dir.mkdir(parents=True, exist_ok=True)
+        self.check_fingerprint()
+        removed = remove_stale_temps(self.out_dir) + remove_stale_temps(self.receipts_dir)
+        if removed:
+            log.info("%s: removed %d stale temp file(s) of killed writers", self.out_dir, removed)
+
+    def receipts(self) -> dict[int, dict]:
+        """Every readable receipt in the folder, by part index (one scandir, one read each)."""
+        found: dict[int, dict] = {}
+        if not self.receipts_dir.is_dir():
+            return found
+        for entry in os.scandir(self.receipts_dir):
+            name = entry.name
+            if name.startswith("part-") and name.endswith(".json") and not name.endswith(".failed.json"):
+                receipt = _read_json(Path(entry.path))
+                if receipt is not None and isinstance(receipt.get("part"), int):
+                    found[receipt["part"]] = receipt
+        return found
+
+    def check_fingerprint(self) -> None:
+        """Raise ``FingerprintMismatch`` if any receipt was made with other parameters."""
+        for index, receipt in sorted(self.receipts().items()):
+            theirs = receipt.get("fingerprint", {})
+            if theirs.get("hash") != self.fp["hash"]:
+                raise FingerprintMismatch(
+                    f"{self.out_dir}: {part_name(index)} was made with other parameters "
+                    f"({_fp_diff(theirs, self.fp)}); parts are never mixed. Write to a new --out folder, "
+                    f"or delete {self.out_dir} to recompute.")
+
+    def committed(self, index: int, verify: bool = True) -> dict | None:
+        """The part's receipt if it is committed (receipt valid, file size and sha256 match), else None."""
+        receipt = _read_json(self.receipt_path(index))
+        if receipt is None or receipt.get("fingerprint", {}).get("hash") != self.fp["hash"]:
+            return None
+        path = self.part_path(index)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size != receipt.get("bytes") or (verify and sha256_file(path) != receipt.get("sha256")):
+            log.warning("%s: file differs from its receipt; it will be redone", path)
+            return None
+        return receipt
+
+    def commit(self, index: int, write: Callable[[Path], PartResult], task: dict | None = None) -> dict:
+        """Write part ``index`` with ``write(tmp_path)``, validate, publish, then write its receipt.
+
+        If another writer committed the same part meanwhile, this one's file is discarded and the existing
+        receipt returned: one commit wins, the part stays intact.
+        """
+        started = time.time()
+        final = self.part_path(index)
+        with staged(final) as tmp:
+            result = write(tmp)
+        try:
+            rows = self._validate(tmp, result)
+            receipt = self._receipt(index, tmp, rows, result, task, time.time() - started)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return self._publish(index, tmp, receipt)
+
+    def _validate(self, tmp: Path, result: PartResult) -> int:
+        rows = self.count_rows(tmp)
+        if result.expected_rows is not None and rows != result.expected_rows:
+            raise IntegrityError(f"{self.part_path(0).parent}: written part has {rows} rows, "
+                                 f"expected {result.expected_rows}; nothing was published")
+        return rows
+
+    def _receipt(self, index: int, tmp: Path, rows: int, result: PartResult, task: dict | None,
+                 seconds: float) -> dict:
+        return {
+            "part": index, "file": self.part_path(index).name, "rows": rows,
+            "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "input": result.input,
+            "failures": {k: sorted(v) for k, v in sorted(result.failures.items()) if v},
+            "failure_count": sum(len(v) for v in result.failures.values()),
+            "fingerprint": self.fp, "seconds": round(seconds, 3), "host": socket.gethostname(),
+            "task": task or {}, "kdpipe_version": __version__, "extra": result.extra,
+        }
+
+    def _publish(self, index: int, tmp: Path, receipt: dict) -> dict:
+        lock_path = self.receipts_dir / f".lock-{part_name(index)}"
+        with open(lock_path, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            existing = self.committed(index, verify=False)
+            if existing is not None:
+                tmp.unlink(missing_ok=True)
+                log.info("%s was committed by another task meanwhile; discarded this copy", part_name(index))
+                return existing
+            publish(tmp, self.part_path(index))
+            body = json.dumps(receipt, indent=1, sort_keys=True).encode()
+            write_atomic(self.receipt_path(index), body)
+            self.failure_path(index).unlink(missing_ok=True)
+        return receipt
+
+    def record_failure(self, index: int, reason: str, message: str) -> dict:
+        """Record a failed attempt of a part (attempts are counted across runs)."""
+        previous = _read_json(self.failure_path(index)) or {}
+        record = {"part": index, "reason": reason, "message": message,
+                  "attempts": int(previous.get("attempts", 0)) + 1, "host": socket.gethostname(),
+                  "time": time.time(), "fingerprint": self.fp["hash"]}
+        write_atomic(self.failure_path(index), json.dumps(record, indent=1, sort_keys=True).encode())
+        return record
+
+    def failures(self) -> dict[int, dict]:
+        """Failure records of parts that are not committed, by index."""
+        out = {}
+        if self.receipts_dir.is_dir():
+            for entry in os.scandir(self.receipts_dir):
+                if entry.name.endswith(".failed.json"):
+                    rec = _read_json(Path(entry.path))
+                    if rec is not None and isinstance(rec.get("part"), int):
+                        out[rec["part"]] = rec
+        return out
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing, truncated or garbage."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fp_diff(theirs: dict, ours: dict) -> str:
+    """Name the fingerprint fields that differ."""
+    keys = []
+    if theirs.get("code_version") != ours.get("code_version"):
+        keys.append(f"code_version {theirs.get('code_version')!r} vs {ours.get('code_version')!r}")
+    a, b = theirs.get("params", {}) or {}, ours.get("params", {})
+    keys += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(keys) or "fingerprint hash differs"

@@ -1,0 +1,129 @@
+"""Running one array task of a map stage, and finalizing the stage into its manifest.
+
+A stage supplies ``produce(index)`` that commits one part through its ``PartStore``; this module skips
+committed parts, contains per-part failures (the other parts go on), bounds attempts of a poisoned part,
+and writes the manifest only when every part is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from pipeline import manifest as mf
+from pipeline.errors import KdpipeError, ManifestError, PartFailed
+from pipeline.log import progress
+from pipeline.parts import PartStore, part_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskReport:
+    """What one task did: parts committed now, skipped (already done), failed, given up."""
+
+    committed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    given_up: list[int] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every part of the task is committed, 1 otherwise."""
+        return 1 if (self.failed or self.given_up) else 0
+
+
+def task_info(task_index: int, num_tasks: int) -> dict:
+    """Who made a part: task ids and the SLURM job when there is one (stored in receipts)."""
+    info = {"index": task_index, "count": num_tasks}
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        if var in os.environ:
+            info[var.lower()] = os.environ[var]
+    return info
+
+
+def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], *,
+              max_attempts: int = 3, retry_failed: bool = False, desc: str = "parts") -> TaskReport:
+    """Commit every part in ``indices`` that is not committed yet.
+
+    Args:
+        store: the stage's part store (``prepare`` is called here).
+        indices: this task's block of parts.
+        produce: commits part ``index`` (through ``store.commit``) and returns its receipt.
+        max_attempts: a part that failed this many times is skipped until ``retry_failed``.
+        retry_failed: try parts again that reached ``max_attempts``.
+        desc: label of the progress bar.
+    """
+    store.prepare()
+    report = TaskReport()
+    failures = store.failures()
+    indices = list(indices)
+    for index in progress(indices, desc=desc, total=len(indices), unit="part"):
+        if store.committed(index) is not None:
+            report.skipped.append(index)
+        elif not retry_failed and failures.get(index, {}).get("attempts", 0) >= max_attempts:
+            log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
+                      part_name(index), failures[index]["attempts"], failures[index].get("message"))
+            report.given_up.append(index)
+        else:
+            _attempt(store, index, produce, report)
+    log.info("%s: %d committed, %d already done, %d failed, %d given up", store.out_dir,
+             len(report.committed), len(report.skipped), len(report.failed), len(report.given_up))
+    return report
+
+
+def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], report: TaskReport) -> None:
+    try:
+        produce(index)
+        report.committed.append(index)
+    except (PartFailed, KdpipeError, OSError) as exc:
+        reason = getattr(exc, "reason", type(exc).__name__)
+        store.record_failure(index, reason, str(exc))
+        report.failed[index] = str(exc)
+        log.error("%s failed (%s): %s", part_name(index), reason, exc)
+
+
+def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dict]) -> Path:
+    """Write the stage manifest once all ``num_parts`` parts are committed; idempotent.
+
+    Args:
+        store: the stage's part store.
+        num_parts: how many parts the stage has.
+        build: turns the receipts (in part order) into a manifest dict (``pipeline.manifest.build``).
+
+    Returns:
+        The manifest's path. A manifest already there with the same id is kept unchanged.
+    """
+    receipts = store.receipts()
+    missing = [i for i in range(num_parts) if store.committed(i, verify=False) is None]
+    if missing:
+        shown = ", ".join(part_name(i) for i in missing[:10])
+        raise ManifestError(f"{store.out_dir}: cannot finalize, {len(missing)} of {num_parts} parts are not "
+                            f"committed ({shown}{', ...' if len(missing) > 10 else ''}); rerun their tasks")
+    data = build([receipts[i] for i in range(num_parts)])
+    target = store.out_dir / mf.MANIFEST_NAME
+    if target.exists():
+        existing = mf.load(target)
+        if existing.id == data["id"]:
+            return target
+        raise ManifestError(f"{target} exists with another id ({existing.id[:12]} vs {data['id'][:12]}); "
+                            "write to a new --out folder")
+    return mf.write(data, store.out_dir)
+
+
+def file_entries(receipts: list[dict], count_key: str = "rows") -> list[dict]:
+    """Manifest ``files`` entries from receipts (relative names, bytes, sha256, rows or samples)."""
+    return [{"path": r["file"], "bytes": r["bytes"], "sha256": r["sha256"], count_key: r["rows"]}
+            for r in receipts]
+
+
+def failure_totals(receipts: list[dict]) -> dict[str, int]:
+    """Failures by reason, summed over receipts."""
+    totals: dict[str, int] = {}
+    for receipt in receipts:
+        for reason, keys in receipt.get("failures", {}).items():
+            totals[reason] = totals.get(reason, 0) + len(keys)
+    return dict(sorted(totals.items()))

@@ -1,0 +1,83 @@
+"""The logits Parquet contract: Arrow schema, file metadata keys, and the maths of stored soft targets.
+
+One row per sample (per view, once multi-view lands): ``key``, ``shard``, ``topk_index`` (class ids by
+logit descending), ``topk_logit`` (raw logits z), ``lse`` = logsumexp(z / T) over all classes, optional
+``embedding`` (L2-normalised float16). The softened probability of a stored class is exp(z/T - lse); the
+mass of the other classes is 1 - sum of those. Every reader of logits goes through this module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+META_KEY = b"kdpipe"
+RESIDUAL_POLICIES = ("exact", "renorm")
+
+
+def index_type(num_classes: int) -> pa.DataType:
+    """int16 when the class ids fit, else int32."""
+    return pa.int16() if num_classes <= 32767 else pa.int32()
+
+
+def arrow_schema(num_classes: int, topk: int, embedding_dim: int | None = None,
+                 logit_type: pa.DataType = pa.float32(), metadata: dict | None = None) -> pa.Schema:
+    """The Arrow schema of a logits part, with kdpipe's metadata (JSON under the ``kdpipe`` key)."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("topk_index", pa.list_(index_type(num_classes), topk), nullable=False),
+        pa.field("topk_logit", pa.list_(logit_type, topk), nullable=False),
+        pa.field("lse", pa.float32(), nullable=False),
+    ]
+    if embedding_dim:
+        fields.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
+    meta = {META_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
+    return pa.schema(fields, metadata=meta)
+
+
+def read_metadata(schema: pa.Schema) -> dict:
+    """kdpipe's metadata dict of a logits part (schema_version, temperature, topk, num_classes, ids, ...)."""
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed_size_list column as a 2-D numpy array without per-row Python work."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def softened_topk(topk_logit: np.ndarray, lse: np.ndarray, temperature: float) -> np.ndarray:
+    """p_T of the stored classes: exp(z/T - lse), shape (N, K)."""
+    return np.exp(topk_logit.astype(np.float64) / temperature - lse.astype(np.float64)[:, None])
+
+
+def residual_mass(probs: np.ndarray) -> np.ndarray:
+    """Probability mass of the classes that were not stored: 1 - sum of the stored ones (clipped at 0)."""
+    return np.clip(1.0 - probs.sum(axis=1), 0.0, 1.0)
+
+
+def dense_targets(topk_index: np.ndarray, topk_logit: np.ndarray, lse: np.ndarray, temperature: float,
+                  num_classes: int, policy: str = "exact") -> np.ndarray:
+    """Dense (N, C) teacher distributions rebuilt from top-K storage.
+
+    Args:
+        policy: ``exact`` spreads the residual mass evenly over the C - K other classes (sums to 1 and
+            keeps the stored probabilities exact); ``renorm`` drops it and renormalises the top-K.
+    """
+    if policy not in RESIDUAL_POLICIES:
+        raise ValueError(f"residual policy {policy!r} is not one of {RESIDUAL_POLICIES}")
+    probs = softened_topk(topk_logit, lse, temperature)
+    n, k = probs.shape
+    out = np.zeros((n, num_classes), dtype=np.float64)
+    if policy == "exact" and num_classes > k:
+        out += (residual_mass(probs) / (num_classes - k))[:, None]
+    else:
+        probs = probs / probs.sum(axis=1, keepdims=True)
+    np.put_along_axis(out, topk_index.astype(np.int64), probs, axis=1)
+    return out.astype(np.float32)

@@ -1,0 +1,145 @@
+"""Reading and writing WebDataset tar shards with every sample accounted for.
+
+webdataset alone does not notice a tar cut at a member boundary (it reads as a shorter, valid tar) nor a
+key that reappears non-adjacently (a second sample with the same key). ``read_shard`` hashes the bytes it
+reads, groups members into samples itself, counts bad samples by reason with their keys, and checks the
+total against the dataset manifest's count. No member is ever decoded here: values stay bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import webdataset as wds
+from webdataset.tariterators import tar_file_iterator
+
+from pipeline.errors import PartFailed
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-/]*$")
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only file wrapper that hashes every byte read through it."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.digest, self.nbytes = raw, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        self.digest.update(data)
+        self.nbytes += len(data)
+        return len(data)
+
+    def drain(self) -> None:
+        """Read (and hash) whatever the tar reader left unread, e.g. end-of-archive padding."""
+        for chunk in iter(lambda: self.raw.read(1 << 20), b""):
+            self.digest.update(chunk)
+            self.nbytes += len(chunk)
+
+
+@dataclass
+class ShardStats:
+    """What reading one shard found: samples yielded and failures by reason (with keys)."""
+
+    path: str
+    yielded: int = 0
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    sha256: str | None = None
+
+    def fail(self, reason: str, key: str) -> None:
+        self.failures.setdefault(reason, []).append(key)
+
+    @property
+    def failed(self) -> int:
+        return sum(len(v) for v in self.failures.values())
+
+
+def split_member(name: str) -> tuple[str, str] | None:
+    """webdataset's key/extension rule: the key is the path up to the first dot of the basename."""
+    match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def _group(members: Iterator[dict], stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group adjacent members into samples; refuse unsafe names and keys seen before in this shard."""
+    seen: set[str] = set()
+    key, fields = None, {}
+    for member in members:
+        parts = split_member(member["fname"])
+        if parts is None:
+            stats.fail("bad_member_name", member["fname"])
+            continue
+        if parts[0] != key:
+            if key is not None:
+                yield from _emit(key, fields, seen, stats)
+            key, fields = parts[0], {}
+        fields[parts[1]] = member["data"]
+    if key is not None:
+        yield from _emit(key, fields, seen, stats)
+
+
+def _emit(key: str, fields: dict, seen: set, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    if key in seen:
+        stats.fail("duplicate_key", key)
+    elif not _SAFE_KEY.match(key) or ".." in key.split("/"):
+        stats.fail("unsafe_key", key)
+    else:
+        seen.add(key)
+        stats.yielded += 1
+        yield key, fields
+
+
+def read_shard(path: str | Path, stats: ShardStats, expected_sha256: str | None = None,
+               expected_samples: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for every sample of a local tar shard, in tar order.
+
+    Raises ``PartFailed`` (reasons ``unreadable_tar``, ``checksum_mismatch``, ``sample_count_mismatch``)
+    after the last sample when the shard is damaged; the caller must not commit its part then.
+    """
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw)
+        buffered = io.BufferedReader(reader, buffer_size=1 << 20)
+        try:
+            yield from _group(tar_file_iterator(buffered, skip_meta=None), stats)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise PartFailed(f"{path}: unreadable or truncated tar ({exc})", "unreadable_tar") from None
+        reader.drain()
+    stats.sha256 = reader.digest.hexdigest()
+    _check_integrity(path, stats, expected_sha256, expected_samples)
+
+
+def _check_integrity(path, stats: ShardStats, expected_sha256, expected_samples) -> None:
+    if expected_sha256 is not None and stats.sha256 != expected_sha256:
+        raise PartFailed(f"{path}: sha256 {stats.sha256[:12]}... differs from the manifest's "
+                         f"{expected_sha256[:12]}... (file changed or damaged)", "checksum_mismatch")
+    seen = stats.yielded + stats.failed
+    if expected_samples is not None and seen != expected_samples:
+        raise PartFailed(f"{path}: holds {seen} samples, the manifest says {expected_samples} "
+                         "(tar truncated at a member boundary?)", "sample_count_mismatch")
+
+
+def count_samples(path: str | Path) -> int:
+    """Number of distinct sample keys in a tar (for validation of written shards)."""
+    stats = ShardStats(str(path))
+    return sum(1 for _ in read_shard(path, stats)) + stats.failed
+
+
+def write_shard(path: Path, samples: Iterator[dict]) -> int:
+    """Write ``samples`` (webdataset dicts with ``__key__``) to a tar at ``path``; return the count."""
+    count = 0
+    with open(path, "wb") as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+    return count
