@@ -1,0 +1,81 @@
+"""The teacher card: a teacher folder with ``weights.safetensors`` and a ``teacher`` manifest.
+
+The card says everything a user of the logits needs to know about how the teacher saw the images:
+architecture, class-index map, preprocessing, weights sha256, accuracy. Weights load only from
+safetensors, or from a state dict through ``torch.load(weights_only=True)``; never plain pickle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import manifest as mf
+from pipeline.atomic import publish, staged
+from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
+from stages.imaging import Preprocess
+from stages.models import build_model
+
+WEIGHTS = "weights.safetensors"
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file, or a state dict via ``torch.load(weights_only=True)``.
+
+    Raises ``InputError`` naming the file for anything else (a pickle that carries code is refused).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such weights file")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError and friends: refused, never executed
+        raise InputError(f"{path}: refused: not a safetensors file nor a plain tensor state dict "
+                         f"loadable with weights_only=True ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: list[str], preprocess: Preprocess,
+               stage: str, inputs: list[dict] | None = None, metrics: dict | None = None,
+               extra: dict | None = None) -> Path:
+    """Save ``model``'s weights (safetensors) and the teacher manifest in ``out``; return the manifest path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with staged(weights) as tmp:
+        save_file(state, str(tmp))
+    publish(tmp, weights)
+    digest = sha256_file(weights)
+    params = {"arch": arch, "num_classes": len(class_names), "class_names": list(class_names),
+              "preprocess": preprocess.to_dict(), "weights_sha256": digest, "metrics": metrics or {},
+              **(extra or {})}
+    data = mf.build("teacher", stage=stage, params=params, inputs=inputs,
+                    files=[{"path": WEIGHTS, "bytes": weights.stat().st_size, "sha256": digest}],
+                    totals={"classes": len(class_names)})
+    return mf.write(data, out)
+
+
+def load_teacher(card: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, mf.Manifest]:
+    """Load a teacher card: check the weights' sha256, build the model, load the weights strictly, eval()."""
+    manifest = mf.load(card, kind="teacher")
+    weights = manifest.file_path(manifest.files[0])
+    if sha256_file(weights) != manifest.params["weights_sha256"]:
+        raise InputError(f"{weights}: sha256 differs from the teacher card {manifest.path}; refusing to load")
+    model = build_model(manifest.params["arch"], manifest.params["num_classes"])
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.to(device).eval(), manifest
+
+
+def preprocess_of(manifest: mf.Manifest) -> Preprocess:
+    """The preprocessing recorded in a teacher card."""
+    return Preprocess.from_dict(manifest.params["preprocess"])
