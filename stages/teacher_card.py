@@ -1,4 +1,4 @@
-"""The teacher card: a teacher folder with ``weights.safetensors`` and a ``teacher`` manifest.
+"""Classifier cards: a folder with ``weights.safetensors`` and a ``teacher`` (or ``model``) manifest.
 
 The card says everything a user of the logits needs to know about how the teacher saw the images:
 architecture, class-index map, preprocessing, weights sha256, accuracy. Weights load only from
@@ -46,8 +46,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: list[str], preprocess: Preprocess,
                stage: str, inputs: list[dict] | None = None, metrics: dict | None = None,
-               extra: dict | None = None) -> Path:
-    """Save ``model``'s weights (safetensors) and the teacher manifest in ``out``; return the manifest path."""
+               extra: dict | None = None, kind: str = "teacher") -> Path:
+    """Save ``model``'s weights (safetensors) and its card in ``out``; return the manifest path.
+
+    Args:
+        kind: ``teacher`` (a teacher card) or ``model`` (a trained student; same layout).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS
@@ -59,7 +63,7 @@ def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: lis
     params = {"arch": arch, "num_classes": len(class_names), "class_names": list(class_names),
               "preprocess": preprocess.to_dict(), "weights_sha256": digest, "metrics": metrics or {},
               **(extra or {})}
-    data = mf.build("teacher", stage=stage, params=params, inputs=inputs,
+    data = mf.build(kind, stage=stage, params=params, inputs=inputs,
                     files=[{"path": WEIGHTS, "bytes": weights.stat().st_size, "sha256": digest}],
                     totals={"classes": len(class_names)})
     return mf.write(data, out)
@@ -67,7 +71,15 @@ def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: lis
 
 def load_teacher(card: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, mf.Manifest]:
     """Load a teacher card: check the weights' sha256, build the model, load the weights strictly, eval()."""
-    manifest = mf.load(card, kind="teacher")
+    return load_classifier(card, device, kinds=("teacher",))
+
+
+def load_classifier(card: str | Path, device: str | torch.device = "cpu",
+                    kinds: tuple[str, ...] = ("teacher", "model")) -> tuple[torch.nn.Module, mf.Manifest]:
+    """Load a teacher or model card (weights sha256 checked first); the model is returned in eval mode."""
+    manifest = mf.load(card)
+    if manifest.kind not in kinds:
+        raise InputError(f"{manifest.path}: is a {manifest.kind!r} manifest, expected one of {kinds}")
     weights = manifest.file_path(manifest.files[0])
     if sha256_file(weights) != manifest.params["weights_sha256"]:
         raise InputError(f"{weights}: sha256 differs from the teacher card {manifest.path}; refusing to load")
