@@ -93,6 +93,7 @@ def build(kind: str, *, stage: str, params: dict, files: list[dict], totals: dic
         "files": files,
         "totals": totals,
     }
+    data = json.loads(canonical_json(data))  # a deep, JSON-pure copy: later edits of the inputs do not leak in
     data["id"] = content_id(data)
     validate(data, where=f"new {kind} manifest")
     return data

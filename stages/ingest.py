@@ -176,13 +176,13 @@ def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict,
         raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(len(shards))):
         return None
-    labeled = source.labeled and not hide
-    manifest_params = {**params, "labeled": labeled, "source_kind": source.kind,
-                       "class_names": source.class_names or [], "num_classes": len(source.class_names or [])}
+    names = source.class_names if source.labeled and not hide else []
+    manifest_params = {**params, "labeled": bool(names), "source_kind": source.kind,
+                       "class_names": names, "num_classes": len(names)}
     build = lambda receipts: mf.build(
         "dataset", stage="ingest", params=manifest_params, files=file_entries(receipts, "samples"),
         totals={"samples": sum(r["rows"] for r in receipts), "failures": failure_totals(receipts),
-                "classes": len(source.class_names or [])})
+                "classes": len(names)})
     return finalize(store, len(shards), build)
 
 
