@@ -1,0 +1,93 @@
+"""Test data factories: synthetic logits artifacts that follow the logits contract exactly.
+
+Tests of the stages downstream of logits (select, dedup, reshard) use these to build inputs of a chosen
+shape without running a teacher. Parts go through ``PartStore.commit`` and the manifest through
+``pipeline.manifest.build``, so they are what the logits stage itself produces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import manifest as mf
+from pipeline.parts import PartResult, PartStore, fingerprint
+from pipeline.tasks import file_entries, finalize, run_parts
+from stages.imaging import Preprocess
+from stages.logits_format import SCHEMA_VERSION, arrow_schema
+
+FAKE_TEACHER_ID = "f" * 64
+FAKE_DATASET_ID = "d" * 64
+
+
+def logits_table(keys: list[str], shard: int, logits: np.ndarray, topk: int, temperature: float,
+                 meta: dict, embeddings: np.ndarray | None = None) -> pa.Table:
+    """One logits part from full logits ``(N, C)``: top-K by logit descending, ties by class id."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :topk]
+    top = np.take_along_axis(logits, order, axis=1).astype(np.float32)
+    scaled = logits.astype(np.float64) / temperature
+    peak = scaled.max(axis=1, keepdims=True)
+    lse = (peak[:, 0] + np.log(np.exp(scaled - peak).sum(axis=1))).astype(np.float32)
+    num_classes = logits.shape[1]
+    dim = None if embeddings is None else embeddings.shape[1]
+    schema = arrow_schema(num_classes, topk, dim, metadata=meta)
+    index_type = schema.field("topk_index").type.value_type
+    columns = {
+        "key": pa.array(keys, pa.string()),
+        "shard": pa.array(np.full(len(keys), shard, np.int32)),
+        "topk_index": pa.FixedSizeListArray.from_arrays(pa.array(order.ravel(), index_type), topk),
+        "topk_logit": pa.FixedSizeListArray.from_arrays(pa.array(top.ravel(), pa.float32()), topk),
+        "lse": pa.array(lse),
+    }
+    if embeddings is not None:
+        flat = pa.array(embeddings.astype(np.float16).ravel(), pa.float16())
+        columns["embedding"] = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def make_logits(out: Path, shards: list[tuple[list[str], np.ndarray]], *, topk: int = 5, temperature: float = 1.0,
+                embeddings: list[np.ndarray] | None = None, dataset_id: str = FAKE_DATASET_ID,
+                teacher_id: str = FAKE_TEACHER_ID, class_names: list[str] | None = None) -> Path:
+    """Write a complete logits artifact in ``out`` from per-shard (keys, full logits); return its manifest path."""
+    num_classes = shards[0][1].shape[1]
+    names = class_names or [str(c) for c in range(num_classes)]
+    meta = {"schema_version": SCHEMA_VERSION, "temperature": temperature, "topk": topk,
+            "num_classes": num_classes, "teacher_id": teacher_id, "dataset_id": dataset_id}
+    store = PartStore(Path(out), ".parquet", fingerprint("logits-factory", meta, "factory-1"),
+                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+
+    def produce(index: int) -> dict:
+        keys, logits = shards[index]
+        emb = None if embeddings is None else embeddings[index]
+        table = logits_table(keys, index, logits, topk, temperature, meta, emb)
+        def write(tmp: Path) -> PartResult:
+            pq.write_table(table, tmp, compression="zstd")
+            return PartResult(expected_rows=len(keys), input={"shard": index})
+        return store.commit(index, write)
+
+    run_parts(store, range(len(shards)), produce)
+    params = {**meta, "class_names": names, "preprocess": Preprocess().to_dict(),
+              "views": {"count": 1, "policy": "centre", "aug": None},
+              "embedding_dim": None if embeddings is None else int(embeddings[0].shape[1]),
+              "logit_dtype": "float32", "parquet_schema_version": SCHEMA_VERSION}
+    params.pop("schema_version")
+    build = lambda receipts: mf.build(
+        "logits", stage="factory", params=params, files=file_entries(receipts),
+        totals={"samples": sum(r["rows"] for r in receipts), "rows": sum(r["rows"] for r in receipts)})
+    return finalize(store, len(shards), build)
+
+
+def random_shards(rng: np.random.Generator, num_shards: int, rows: int, num_classes: int,
+                  prefix: str = "img", ties: bool = False) -> list[tuple[list[str], np.ndarray]]:
+    """Random full logits per shard; with ``ties`` logits are rounded so that equal scores are common."""
+    out = []
+    for shard in range(num_shards):
+        logits = rng.normal(size=(rows, num_classes)).astype(np.float32) * 3
+        if ties:
+            logits = np.round(logits)
+        keys = [f"{prefix}-{shard:03d}-{i:05d}" for i in range(rows)]
+        out.append((keys, logits))
+    return out
