@@ -50,8 +50,17 @@ def logits_table(keys: list[str], shard: int, logits: np.ndarray, topk: int, tem
 
 def make_logits(out: Path, shards: list[tuple[list[str], np.ndarray]], *, topk: int = 5, temperature: float = 1.0,
                 embeddings: list[np.ndarray] | None = None, dataset_id: str = FAKE_DATASET_ID,
-                teacher_id: str = FAKE_TEACHER_ID, class_names: list[str] | None = None) -> Path:
-    """Write a complete logits artifact in ``out`` from per-shard (keys, full logits); return its manifest path."""
+                teacher_id: str = FAKE_TEACHER_ID, class_names: list[str] | None = None,
+                data: Path | None = None) -> Path:
+    """Write a complete logits artifact in ``out`` from per-shard (keys, full logits); return its manifest path.
+
+    With ``data`` (a dataset manifest) the artifact's dataset id and its lineage input (role ``data``) are
+    that dataset's, as the logits stage writes them.
+    """
+    inputs = []
+    if data is not None:
+        dataset = mf.load(data, kind="dataset")
+        dataset_id, inputs = dataset.id, [mf.input_ref(dataset, Path(out), "data")]
     num_classes = shards[0][1].shape[1]
     names = class_names or [str(c) for c in range(num_classes)]
     meta = {"schema_version": SCHEMA_VERSION, "temperature": temperature, "topk": topk,
@@ -75,7 +84,7 @@ def make_logits(out: Path, shards: list[tuple[list[str], np.ndarray]], *, topk: 
               "logit_dtype": "float32", "parquet_schema_version": SCHEMA_VERSION}
     params.pop("schema_version")
     build = lambda receipts: mf.build(
-        "logits", stage="factory", params=params, files=file_entries(receipts),
+        "logits", stage="factory", params=params, files=file_entries(receipts), inputs=inputs,
         totals={"samples": sum(r["rows"] for r in receipts), "rows": sum(r["rows"] for r in receipts)})
     return finalize(store, len(shards), build)
 
@@ -91,3 +100,72 @@ def random_shards(rng: np.random.Generator, num_shards: int, rows: int, num_clas
         keys = [f"{prefix}-{shard:03d}-{i:05d}" for i in range(rows)]
         out.append((keys, logits))
     return out
+
+
+def make_selection(out: Path, logits_manifest: Path, *, per_class: int = 3, soft_targets: bool = True,
+                   extra_rows: list[dict] | None = None) -> Path:
+    """A selection artifact per the selection contract (argmax label, top ``per_class`` by p(label|x) at T).
+
+    ``extra_rows`` (dicts with key, shard, label, and optionally dup) are appended before sorting, e.g. a
+    planted key that is not in its shard, or a key selected for a second class; their soft targets are
+    the logits row of their key when it exists, else zeros.
+    """
+    from stages.logits_reader import open_logits
+
+    logits = open_logits(logits_manifest)
+    table = pa.concat_tables([logits.read_part(i) for i in range(logits.num_parts)])
+    rows = _argmax_rows(table, logits.temperature)
+    by_class: dict[int, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: (r["label"], -r["score"], r["key"])):
+        by_class.setdefault(row["label"], []).append(row)
+    chosen = [r for members in by_class.values() for r in members[:per_class]]
+    lookup = {r["key"]: r for r in rows}
+    for extra in extra_rows or []:
+        base = lookup.get(extra["key"], {"topk_index": [0] * logits.topk, "topk_logit": [0.0] * logits.topk,
+                                         "lse": 0.0, "score": 0.0})
+        chosen.append({**base, "dup": 0, **extra})
+    return _write_selection(Path(out), logits, chosen, per_class, soft_targets)
+
+
+def _argmax_rows(table: pa.Table, temperature: float) -> list[dict]:
+    out = []
+    for row in table.select(["key", "shard", "topk_index", "topk_logit", "lse"]).to_pylist():
+        score = float(np.float32(np.exp(row["topk_logit"][0] / temperature - row["lse"])))
+        out.append({**row, "label": int(row["topk_index"][0]), "score": score, "dup": 0})
+    return out
+
+
+def _write_selection(out: Path, logits, rows: list[dict], per_class: int, soft_targets: bool) -> Path:
+    rows = sorted(rows, key=lambda r: (r["label"], -r["score"], r["key"], r.get("dup", 0)))
+    ranks: dict[int, int] = {}
+    for row in rows:
+        row["rank"] = ranks.get(row["label"], 0)
+        ranks[row["label"]] = row["rank"] + 1
+    index_type = logits.read_part(0).schema.field("topk_index").type
+    columns = {"key": pa.array([r["key"] for r in rows], pa.string()),
+               "shard": pa.array([r["shard"] for r in rows], pa.int32()),
+               "label": pa.array([r["label"] for r in rows], pa.int32()),
+               "score": pa.array([r["score"] for r in rows], pa.float32()),
+               "rank": pa.array([r["rank"] for r in rows], pa.int32()),
+               "dup": pa.array([r.get("dup", 0) for r in rows], pa.int16())}
+    if soft_targets:
+        columns["topk_index"] = pa.array([r["topk_index"] for r in rows], index_type)
+        columns["topk_logit"] = pa.array([r["topk_logit"] for r in rows], pa.list_(pa.float32(), logits.topk))
+        columns["lse"] = pa.array([r["lse"] for r in rows], pa.float32())
+    table = pa.table(columns)
+    params = {"policy": "topk", "logits_id": logits.id, "dataset_id": logits.dataset_id,
+              "teacher_id": logits.teacher_id, "num_classes": logits.num_classes,
+              "class_names": logits.class_names, "temperature": logits.temperature, "topk": logits.topk,
+              "per_class": per_class, "top_p": 1, "soft_targets": soft_targets}
+    store = PartStore(out, ".parquet", fingerprint("select-factory", params, "factory-1"),
+                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+
+    def write(tmp: Path) -> PartResult:
+        pq.write_table(table, tmp)
+        return PartResult(expected_rows=len(rows))
+
+    run_parts(store, [0], lambda index: store.commit(index, write))
+    inputs = [mf.input_ref(logits.manifest, out, "logits")]
+    build = lambda receipts: mf.build("selection", stage="factory", params=params, inputs=inputs,
+                                      files=file_entries(receipts), totals={"rows": len(rows)})
+    return finalize(store, 1, build)
