@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline.signals import fault_point
+
 TEMP_PREFIX = ".tmp-"
 
 
@@ -82,6 +84,7 @@ def write_atomic(final: Path, data: bytes, *, exclusive: bool = False,
     with staged(final) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
+    fault_point("atomic.staged")
     if validate is not None:
         try:
             validate(tmp)

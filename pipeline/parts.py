@@ -22,9 +22,11 @@ from pipeline import __version__
 from pipeline.atomic import publish, remove_stale_temps, staged, write_atomic
 from pipeline.errors import FingerprintMismatch, IntegrityError
 from pipeline.hashing import sha256_file, sha256_json
+from pipeline.signals import critical, fault_point
 
 log = logging.getLogger(__name__)
 RECEIPTS = "_parts"
+PLAN_NAME = "_plan.json"
 
 
 def part_name(index: int) -> str:
@@ -128,11 +130,14 @@ class PartStore:
         """
         started = time.time()
         final = self.part_path(index)
+        fault_point("part.begin")
         with staged(final) as tmp:
             result = write(tmp)
         try:
+            fault_point("part.written")
             rows = self._validate(tmp, result)
             receipt = self._receipt(index, tmp, rows, result, task, time.time() - started)
+            fault_point("part.validated")
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -158,7 +163,7 @@ class PartStore:
 
     def _publish(self, index: int, tmp: Path, receipt: dict) -> dict:
         lock_path = self.receipts_dir / f".lock-{part_name(index)}"
-        with open(lock_path, "a+") as lock:
+        with critical(), open(lock_path, "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             existing = self.committed(index, verify=False)
             if existing is not None:
@@ -166,8 +171,10 @@ class PartStore:
                 log.info("%s was committed by another task meanwhile; discarded this copy", part_name(index))
                 return existing
             publish(tmp, self.part_path(index))
+            fault_point("part.published")
             body = json.dumps(receipt, indent=1, sort_keys=True).encode()
             write_atomic(self.receipt_path(index), body)
+            fault_point("part.receipt")
             self.failure_path(index).unlink(missing_ok=True)
         return receipt
 
@@ -180,6 +187,13 @@ class PartStore:
         write_atomic(self.failure_path(index), json.dumps(record, indent=1, sort_keys=True).encode())
         return record
 
+    def write_plan(self, num_parts: int) -> None:
+        """Record the stage's part count in ``_parts/_plan.json`` (read by ``kdpipe status``); idempotent."""
+        path = self.receipts_dir / PLAN_NAME
+        plan = {"num_parts": int(num_parts), "fingerprint": self.fp["hash"]}
+        if _read_json(path) != plan:
+            write_atomic(path, json.dumps(plan, sort_keys=True).encode())
+
     def failures(self) -> dict[int, dict]:
         """Failure records of parts that are not committed, by index."""
         out = {}
@@ -190,6 +204,36 @@ class PartStore:
                     if rec is not None and isinstance(rec.get("part"), int):
                         out[rec["part"]] = rec
         return out
+
+
+@dataclass
+class FolderScan:
+    """What one scandir of a stage folder's ``_parts`` shows: receipts, failure records, the plan."""
+
+    receipts: dict[int, dict] = field(default_factory=dict)
+    failures: dict[int, dict] = field(default_factory=dict)
+    plan: dict | None = None
+
+
+def scan_folder(out_dir: Path) -> FolderScan:
+    """Read every receipt, failure record and the plan of ``out_dir/_parts`` in one scandir (no fingerprint
+    needed; for status tools). A part with both a receipt and a failure record counts as committed."""
+    scan = FolderScan()
+    folder = Path(out_dir) / RECEIPTS
+    if not folder.is_dir():
+        return scan
+    for entry in os.scandir(folder):
+        name = entry.name
+        if name == PLAN_NAME:
+            scan.plan = _read_json(Path(entry.path))
+        elif name.startswith("part-") and name.endswith(".json"):
+            record = _read_json(Path(entry.path))
+            if record is not None and isinstance(record.get("part"), int):
+                target = scan.failures if name.endswith(".failed.json") else scan.receipts
+                target[record["part"]] = record
+    for index in scan.receipts:
+        scan.failures.pop(index, None)
+    return scan
 
 
 def _read_json(path: Path) -> dict | None:

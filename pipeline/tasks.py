@@ -17,6 +17,7 @@ from pipeline import manifest as mf
 from pipeline.errors import KdpipeError, ManifestError, PartFailed
 from pipeline.log import progress
 from pipeline.parts import PartStore, part_name
+from pipeline.signals import check_stop, install_stop_handler, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ def task_info(task_index: int, num_tasks: int) -> dict:
 
 
 def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], *,
-              max_attempts: int = 3, retry_failed: bool = False, desc: str = "parts") -> TaskReport:
+              max_attempts: int = 3, retry_failed: bool = False, desc: str = "parts",
+              num_parts: int | None = None) -> TaskReport:
     """Commit every part in ``indices`` that is not committed yet.
+
+    A pre-timeout signal (``SIGUSR1``, see ``pipeline.signals``) stops the task between parts (or abandons the
+    part in flight) by raising ``StopForRequeue`` (exit code 75); a rerun resumes with the next part.
 
     Args:
         store: the stage's part store (``prepare`` is called here).
@@ -56,12 +61,18 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
         max_attempts: a part that failed this many times is skipped until ``retry_failed``.
         retry_failed: try parts again that reached ``max_attempts``.
         desc: label of the progress bar.
+        num_parts: the stage's total part count, recorded for ``kdpipe status`` (optional).
     """
+    if not stop_requested():
+        install_stop_handler()
     store.prepare()
+    if num_parts is not None:
+        store.write_plan(num_parts)
     report = TaskReport()
     failures = store.failures()
     indices = list(indices)
     for index in progress(indices, desc=desc, total=len(indices), unit="part"):
+        check_stop(f"{store.out_dir} before {part_name(index)}")
         if store.committed(index) is not None:
             report.skipped.append(index)
         elif not retry_failed and failures.get(index, {}).get("attempts", 0) >= max_attempts:
