@@ -1,0 +1,305 @@
+"""The logits stage: a frozen classifier over dataset shards -> top-K logits in Parquet, one part per shard.
+
+``compute_logits`` runs one array task over its block of shards and (when every part is committed)
+finalizes the logits manifest. It accepts a teacher card or a model card (``kdpipe evaluate`` reuses it for
+a student's logits). Inputs are checked before any work: the card's classes and preprocessing must agree
+with the dataset manifest, K and T must make sense, and an output folder made with other parameters is
+refused by fingerprint.
+
+Every sample is accounted for: rows + failures (by reason, with keys, in the part's receipt) = the shard's
+sample count in the dataset manifest. A damaged shard fails its part only (the task goes on with the others
+and then raises ``PartFailed``). Parts are byte-identical across reruns, workers, loader batches and numbers
+of tasks (see ``stages.inference`` for the fixed compute batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline import manifest as mf
+from pipeline.errors import InputError, IntegrityError, PartFailed
+from pipeline.parts import PartResult, PartStore, fingerprint, part_name
+from pipeline.planning import plan_block
+from pipeline.tasks import failure_totals, file_entries, finalize as finalize_parts, run_parts, task_info
+from pipeline.verify import parquet_rows
+from stages import imaging
+from stages.inference import Engine, compute_mode, resolve_device
+from stages.logits_assemble import assemble_part, recoverable_keys
+from stages.logits_data import PartFeed, ShardBlock, ShardRef, make_loader
+from stages.logits_format import SCHEMA_VERSION
+from stages.logits_write import LOGIT_TYPES
+from stages.teacher_card import load_classifier, preprocess_of
+
+log = logging.getLogger(__name__)
+CODE_VERSION = "logits-1"
+VIEWS = {"count": 1, "policy": "centre", "aug": None}
+DEFAULT_COMPUTE_BATCH = 32
+DEFAULT_LOGIT_DTYPE = "float16"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything a task needs, checked before any work: inputs, parameters, the stage's fingerprint."""
+
+    data: mf.Manifest
+    card: mf.Manifest
+    out: Path
+    params: dict
+    preprocess: imaging.Preprocess
+    device: torch.device
+
+
+def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int,
+                   temperature: float, task_index: int = 0, num_tasks: int = 1,
+                   batch_size: int = DEFAULT_COMPUTE_BATCH, loader_batch: int = 32, num_workers: int | None = None,
+                   prefetch: int = 2, embeddings: bool = False, logit_dtype: str = DEFAULT_LOGIT_DTYPE,
+                   device: str | None = None, compile_model: bool = False, gpu_decode: bool = False,
+                   retry_failed: bool = False, max_attempts: int = 3, finalize: bool = True) -> Path | None:
+    """Compute the logits parts of one array task, then finalize the artifact when every part is committed.
+
+    Args:
+        data_manifest: the dataset manifest (file or folder).
+        card: a teacher card or a model card (kind ``teacher`` or ``model``).
+        out: the logits folder.
+        topk: classes stored per sample (1..num_classes).
+        temperature: T of the stored normaliser lse = logsumexp(z / T).
+        task_index: this array task (0-based).
+        num_tasks: the array's size; task i owns a contiguous block of shards.
+        batch_size: the fixed compute batch (images per forward; fingerprinted: it can change CPU results).
+        loader_batch: samples per DataLoader record (no effect on the output).
+        num_workers: DataLoader decode workers (default: ``default_workers()``; no effect on the output).
+        prefetch: records each worker prepares ahead (no effect on the output).
+        embeddings: also store L2-normalised penultimate features (float16), e.g. for dedup.
+        logit_dtype: ``float16`` (default) or ``float32`` storage of the top-K logits.
+        device: ``cpu``, ``cuda``, ``cuda:1``; default CUDA when available.
+        compile_model: ``torch.compile`` the model (CUDA).
+        gpu_decode: decode JPEGs on the GPU (CUDA).
+        retry_failed: retry given-up parts, and committed parts whose receipt names failed samples that now
+            decode (such a part is recomputed in full and replaced).
+        max_attempts: a part that failed this often is skipped until ``retry_failed``.
+        finalize: write the manifest when every part of the dataset is committed.
+
+    Returns:
+        The logits manifest's path, or None while parts of other tasks are missing.
+
+    Raises:
+        InputError / ManifestError: bad inputs, before any work. FingerprintMismatch: ``out`` holds parts made
+        with other parameters. PartFailed: after the task's other parts, when some of its parts failed.
+    """
+    setup = prepare(data_manifest, card, out, topk=topk, temperature=temperature, batch_size=batch_size,
+                    embeddings=embeddings, logit_dtype=logit_dtype, device=device, compile_model=compile_model,
+                    gpu_decode=gpu_decode)
+    store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
+    block = plan_block(task_index, num_tasks, len(setup.data.files))
+    report = _run_block(setup, store, block, task=task_info(task_index, num_tasks), num_workers=num_workers,
+                        loader_batch=loader_batch, prefetch=prefetch, retry_failed=retry_failed,
+                        max_attempts=max_attempts)
+    if report.exit_code:
+        bad = sorted(report.failed) + report.given_up
+        raise PartFailed(f"{setup.out}: {len(bad)} part(s) failed ({', '.join(part_name(i) for i in bad[:10])}); "
+                         "the other parts are committed. Fix the input shards, then rerun this task "
+                         "(add --retry-failed for parts that were given up)", "parts_failed")
+    return finalize_logits(setup, store) if finalize else None
+
+
+def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int, temperature: float,
+            batch_size: int = DEFAULT_COMPUTE_BATCH, embeddings: bool = False,
+            logit_dtype: str = DEFAULT_LOGIT_DTYPE, device: str | None = None, compile_model: bool = False,
+            gpu_decode: bool = False) -> Setup:
+    """Load and cross-check the inputs and options; return the task's ``Setup`` (no model loaded yet)."""
+    data = mf.load(data_manifest, kind="dataset")
+    teacher = mf.load(card)
+    if teacher.kind not in ("teacher", "model"):
+        raise InputError(f"{teacher.path}: is a {teacher.kind!r} manifest; --teacher needs a teacher or model card")
+    pp = check_card_against_data(teacher, data)
+    check_options(teacher, topk=topk, temperature=temperature, batch_size=batch_size, logit_dtype=logit_dtype)
+    try:
+        dev = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"--device {device!r}: {exc}") from None
+    params = {"teacher_id": teacher.id, "teacher_kind": teacher.kind, "dataset_id": data.id,
+              "num_classes": int(teacher.params["num_classes"]), "class_names": list(teacher.params["class_names"]),
+              "topk": int(topk), "temperature": float(temperature), "preprocess": pp.to_dict(), "views": VIEWS,
+              "embedding_dim": None, "logit_dtype": logit_dtype, "parquet_schema_version": SCHEMA_VERSION,
+              "compute_batch": int(batch_size), "compute": compute_mode(dev, compile_model, gpu_decode)}
+    if embeddings:
+        params["embedding_dim"] = _embedding_dim(teacher)
+    return Setup(data, teacher, Path(out), params, pp, dev)
+
+
+def check_card_against_data(card: mf.Manifest, data: mf.Manifest) -> imaging.Preprocess:
+    """Refuse a card whose classes or preprocessing disagree with the dataset manifest; return its preprocess."""
+    names, classes = card.params["class_names"], int(card.params["num_classes"])
+    if len(names) != classes:
+        raise InputError(f"{card.path}: num_classes={classes} but {len(names)} class names")
+    theirs = data.params.get("class_names") or []
+    if data.params.get("num_classes") not in (None, 0, classes) or (theirs and list(theirs) != list(names)):
+        raise InputError(f"{card.path}: the {card.kind} has {classes} classes {names[:5]}..., but the dataset "
+                         f"{data.path} has {data.params.get('num_classes')} {list(theirs)[:5]}...; "
+                         "use a card trained on these classes")
+    pp = preprocess_of(card)
+    if pp.policy_version != imaging.Preprocess().policy_version:
+        raise InputError(f"{card.path}: preprocess policy_version {pp.policy_version}, this kdpipe decodes with "
+                         f"{imaging.Preprocess().policy_version}; the logits would not match how it saw images")
+    wanted = data.params.get("preprocess")
+    if wanted is not None and imaging.Preprocess.from_dict(wanted) != pp:
+        raise InputError(f"{card.path}: preprocess {pp.to_dict()} differs from the dataset's {wanted} "
+                         f"({data.path}); use a card that sees images the way this dataset was made for")
+    return pp
+
+
+def check_options(card: mf.Manifest, *, topk: int, temperature: float, batch_size: int, logit_dtype: str) -> None:
+    """Refuse K, T, batch and dtype values that cannot give a valid artifact (``InputError``)."""
+    classes = int(card.params["num_classes"])
+    if not 1 <= int(topk) <= classes:
+        raise InputError(f"--topk {topk}: must be in [1, {classes}] (the classes of {card.path})")
+    if not float(temperature) > 0 or float(temperature) == float("inf"):
+        raise InputError(f"--temperature {temperature}: must be a finite number > 0")
+    if int(batch_size) < 1:
+        raise InputError(f"--batch-size {batch_size}: must be >= 1")
+    if logit_dtype not in LOGIT_TYPES:
+        raise InputError(f"--logit-dtype {logit_dtype!r}: one of {', '.join(LOGIT_TYPES)}")
+
+
+def _embedding_dim(card: mf.Manifest) -> int:
+    from stages.models import build_model, classifier_head
+
+    return int(classifier_head(build_model(card.params["arch"], int(card.params["num_classes"]))).in_features)
+
+
+def default_workers() -> int:
+    """Decode workers by default: one per 4 usable cores (at least 1); the rest run the forward."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 4)
+
+
+def _shard_refs(data: mf.Manifest, indices: list[int]) -> list[ShardRef]:
+    refs = []
+    for i in indices:
+        entry = data.files[i]
+        where = data.file_path(entry)
+        if isinstance(where, str):
+            raise InputError(f"{data.path}: shard {entry['path']} is a URL; the logits stage reads local shards")
+        refs.append(ShardRef(i, str(where), entry["sha256"], int(entry["samples"])))
+    return refs
+
+
+def _pending(store: PartStore, block: range, retry_failed: bool,
+             max_attempts: int) -> tuple[list[int], list[int], list[int]]:
+    """Parts to compute now, committed parts to re-check for recoverable samples, and parts given up."""
+    store.prepare()
+    failures = store.failures()
+    todo, recheck, given_up = [], [], []
+    for index in block:
+        receipt = store.committed(index)
+        if receipt is None and (retry_failed or failures.get(index, {}).get("attempts", 0) < max_attempts):
+            todo.append(index)
+        elif receipt is None:
+            log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed", part_name(index),
+                      failures[index]["attempts"], failures[index].get("message"))
+            given_up.append(index)
+        elif retry_failed and receipt.get("failure_count"):
+            recheck.append(index)
+    return todo, recheck, given_up
+
+
+def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_workers: int | None,
+               loader_batch: int, prefetch: int, retry_failed: bool, max_attempts: int):
+    todo, recheck, given_up = _pending(store, block, retry_failed, max_attempts)
+    engine = None
+    if recheck:
+        engine = _engine(setup)
+        todo = sorted(todo + _recoverable_parts(setup, store, recheck, engine))
+    workers = default_workers() if num_workers is None else int(num_workers)
+    if todo and engine is None:
+        engine = _engine(setup)
+    gpu_decode = setup.params["compute"]["decode"] == "gpu-jpeg"
+    loader = make_loader(ShardBlock(_shard_refs(setup.data, todo), setup.preprocess, loader_batch,
+                                    raw_jpeg=gpu_decode),
+                         workers, prefetch, pin_memory=setup.device.type == "cuda")
+    feed = PartFeed(loader, workers)
+    produce = lambda index: store.commit(index, _part_writer(setup, engine, feed, index), task)
+    report = run_parts(store, todo, produce, max_attempts=max_attempts, retry_failed=True, desc="logits")
+    report.given_up += given_up
+    return report
+
+
+def _engine(setup: Setup) -> Engine:
+    model, _ = load_classifier(setup.card.path, "cpu")
+    return Engine(model, setup.preprocess, topk=setup.params["topk"], temperature=setup.params["temperature"],
+                  compute_batch=setup.params["compute_batch"], device=setup.device,
+                  embeddings=setup.params["embedding_dim"] is not None,
+                  compile_model=setup.params["compute"]["compile"])
+
+
+def _recoverable_parts(setup: Setup, store: PartStore, indices: list[int], engine: Engine) -> list[int]:
+    """Committed parts whose failed samples now decode (and give finite logits); their receipts are withdrawn."""
+    redo = []
+    for ref in _shard_refs(setup.data, indices):
+        receipt = store.committed(ref.index, verify=False)
+        keys = recoverable_keys(ref, receipt, setup.preprocess, engine)
+        if keys:
+            log.info("%s: %d failed sample(s) now succeed (%s...); recomputing the part",
+                     part_name(ref.index), len(keys), keys[0])
+            store.receipt_path(ref.index).unlink(missing_ok=True)
+            redo.append(ref.index)
+        else:
+            log.info("%s: its %d failed sample(s) still fail; part kept", part_name(ref.index),
+                     receipt.get("failure_count", 0))
+    return redo
+
+
+def _part_writer(setup: Setup, engine: Engine, feed: PartFeed, index: int):
+    entry = setup.data.files[index]
+    meta = part_metadata(setup.params, index)
+
+    def write(tmp: Path) -> PartResult:
+        rows, failures = assemble_part(feed.records(index), engine, setup.params, meta, tmp, index)
+        accounted = rows + sum(len(v) for v in failures.values())
+        if accounted != int(entry["samples"]):
+            raise IntegrityError(f"{entry['path']}: {rows} rows + {accounted - rows} failures != "
+                                 f"{entry['samples']} samples in {setup.data.path}; nothing was published")
+        return PartResult(expected_rows=rows, failures=failures,
+                          input={"shard": index, "path": entry["path"], "sha256": entry["sha256"], "samples": entry["samples"]})
+    return write
+
+
+def part_metadata(params: dict, shard: int) -> dict:
+    """The Parquet file metadata of part ``shard`` (what a reader of the file alone needs to trust it)."""
+    keep = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id", "logit_dtype", "views",
+            "preprocess", "embedding_dim", "compute_batch", "compute")
+    return {"schema_version": SCHEMA_VERSION, "shard": shard, "code_version": CODE_VERSION,
+            **{k: params[k] for k in keep}}
+
+
+def finalize_logits(setup: Setup, store: PartStore) -> Path | None:
+    """Write the logits manifest if every part of the dataset is committed; None while some are missing."""
+    total = len(setup.data.files)
+    if any(store.committed(i, verify=False) is None for i in range(total)):
+        log.info("%s: parts of other tasks are still missing; manifest not written yet", setup.out)
+        return None
+    inputs = [mf.input_ref(setup.data, setup.out, "data"), mf.input_ref(setup.card, setup.out, "teacher")]
+    samples = sum(int(f["samples"]) for f in setup.data.files)
+
+    def build(receipts: list[dict]) -> dict:
+        totals = {"samples": samples, "rows": sum(r["rows"] for r in receipts),
+                  "failures": failure_totals(receipts), "classes": setup.params["num_classes"]}
+        return mf.build("logits", stage="logits", params=setup.params, files=file_entries(receipts),
+                        totals=totals, inputs=inputs)
+    return finalize_parts(store, total, build)
+
+
+def finalize_only(data_manifest: str | Path, card: str | Path, out: str | Path, **options) -> Path | None:
+    """``kdpipe logits --finalize``: write the manifest from committed parts (same options as the tasks)."""
+    keys = ("topk", "temperature", "batch_size", "embeddings", "logit_dtype", "device", "compile_model",
+            "gpu_decode")
+    setup = prepare(data_manifest, card, out, **{k: options[k] for k in keys if k in options})
+    store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
+    store.check_fingerprint()
+    return finalize_logits(setup, store)
