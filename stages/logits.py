@@ -225,7 +225,8 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
                          workers, prefetch, pin_memory=setup.device.type == "cuda")
     feed = PartFeed(loader, workers)
     produce = lambda index: store.commit(index, _part_writer(setup, engine, feed, index), task)
-    report = run_parts(store, todo, produce, max_attempts=max_attempts, retry_failed=True, desc="logits")
+    report = run_parts(store, todo, produce, max_attempts=max_attempts, retry_failed=True, desc="logits",
+                       num_parts=len(setup.data.files))
     report.given_up += given_up
     return report
 
