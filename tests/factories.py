@@ -169,3 +169,85 @@ def _write_selection(out: Path, logits, rows: list[dict], per_class: int, soft_t
     build = lambda receipts: mf.build("selection", stage="factory", params=params, inputs=inputs,
                                       files=file_entries(receipts), totals={"rows": len(rows)})
     return finalize(store, 1, build)
+
+
+def make_multiview_logits(out: Path, data: Path, teacher: Path, spec, *, topk: int = 5, temperature: float = 1.0,
+                          logit_dtype: str = "float32", batch_size: int = 64, edit=None) -> Path:
+    """A real multi-view logits artifact (``stages/views_format`` layout): the teacher card run on every view.
+
+    One part per dataset shard, one row per (key, view) made with ``stages.views.render_shard_views``;
+    inputs ``data`` and ``teacher`` are recorded with their paths. ``edit(part_index, table) -> table``
+    may tamper with a part before it is committed (the manifest then matches the tampered part).
+    """
+    import torch
+
+    from stages.imaging import find_image, normalise
+    from stages.shardio import ShardStats, read_shard
+    from stages.teacher_card import load_classifier, preprocess_of
+    from stages.views import manifest_views, render_shard_views
+    from stages.views_format import with_views
+
+    dataset = mf.load(data, kind="dataset")
+    model, card = load_classifier(teacher)
+    pp = preprocess_of(card)
+    names = list(card.params["class_names"])
+    meta = {"schema_version": SCHEMA_VERSION, "temperature": temperature, "topk": topk,
+            "num_classes": len(names), "teacher_id": card.id, "dataset_id": dataset.id}
+    store = PartStore(Path(out), ".parquet", fingerprint("logits-factory-views", {**meta, "aug": spec.to_dict()},
+                                                         "factory-1"), lambda p: pq.ParquetFile(p).metadata.num_rows)
+
+    def produce(index: int) -> dict:
+        entry = dataset.files[index]
+        stats = ShardStats(entry["path"])
+        samples = ((k, find_image(f)) for k, f in read_shard(dataset.file_path(entry), stats, entry["sha256"]))
+        rendered = list(render_shard_views(samples, spec, pp, stats.fail))
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, len(rendered), batch_size):
+                batch = torch.from_numpy(np.stack([r.pixels for r in rendered[start:start + batch_size]]))
+                chunks.append(model(normalise(batch, pp)).numpy())
+        logits = np.concatenate(chunks).astype(np.dtype(logit_dtype)).astype(np.float32)
+        table = logits_table([r.key for r in rendered], index, logits, topk, temperature, meta)
+        table = with_views(table.cast(_logit_schema(table.schema, logit_dtype)), [r.view for r in rendered], spec)
+        table = edit(index, table) if edit else table
+
+        def write(tmp: Path) -> PartResult:
+            pq.write_table(table, tmp, compression="zstd")
+            return PartResult(expected_rows=table.num_rows, failures=stats.failures, input={"shard": index})
+        return store.commit(index, write)
+
+    run_parts(store, range(len(dataset.files)), produce)
+    params = {**meta, "class_names": names, "preprocess": pp.to_dict(), "views": manifest_views(spec),
+              "embedding_dim": None, "logit_dtype": logit_dtype, "parquet_schema_version": SCHEMA_VERSION}
+    params.pop("schema_version")
+    inputs = [mf.input_ref(dataset, out, "data"), mf.input_ref(card, out, "teacher")]
+    build = lambda receipts: mf.build(
+        "logits", stage="factory", params=params, files=file_entries(receipts), inputs=inputs,
+        totals={"samples": sum(r["rows"] for r in receipts) // spec.views, "rows": sum(r["rows"] for r in receipts)})
+    return finalize(store, len(dataset.files), build)
+
+
+def _logit_schema(schema: pa.Schema, logit_dtype: str) -> pa.Schema:
+    """``schema`` with ``topk_logit`` stored as ``logit_dtype`` (float16 or float32)."""
+    field = schema.field("topk_logit")
+    value = pa.float16() if logit_dtype == "float16" else pa.float32()
+    typed = pa.field("topk_logit", pa.list_(value, field.type.list_size), nullable=False)
+    return schema.set(schema.get_field_index("topk_logit"), typed)
+
+
+def make_exclusion(out: Path, keys: list[str], reason: str = "near_duplicate", threshold: float = 0.95) -> Path:
+    """An exclusion artifact (the dedup contract: key, reason, matched_key, similarity) dropping ``keys``."""
+    table = pa.table({"key": pa.array(keys, pa.string()), "reason": pa.array([reason] * len(keys), pa.string()),
+                      "matched_key": pa.array(["" for _ in keys], pa.string()),
+                      "similarity": pa.array(np.ones(len(keys), np.float32))})
+    store = PartStore(Path(out), ".parquet", fingerprint("exclusion-factory", {"keys": keys}, "factory-1"),
+                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+
+    def write(tmp: Path) -> PartResult:
+        pq.write_table(table, tmp)
+        return PartResult(expected_rows=len(keys))
+
+    run_parts(store, [0], lambda index: store.commit(index, write))
+    build = lambda receipts: mf.build("exclusion", stage="factory", params={"threshold": threshold},
+                                      files=file_entries(receipts), totals={"rows": len(keys)})
+    return finalize(store, 1, build)

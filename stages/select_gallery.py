@@ -1,0 +1,132 @@
+"""A per-class image gallery of a selection: its top images and the last ones admitted, for eyeballing labels.
+
+The images are found through the lineage (selection -> logits manifest ``inputs`` -> dataset manifest), or
+a dataset manifest given explicitly; shards are read with ``stages.shardio.read_shard`` (checksums and
+counts checked) and images rendered with ``stages.imaging`` (the project's one decode policy). Only the
+shards holding a wanted image are read; memory is the thumbnails (classes x 2N small images).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import manifest as mf
+from pipeline.atomic import write_atomic
+from pipeline.errors import InputError, KdpipeError
+from stages.imaging import Preprocess, SampleError, centre_box, decode, find_image, render
+from stages.shardio import ShardStats, read_shard
+
+log = logging.getLogger(__name__)
+THUMB = Preprocess(size=64, crop_fraction=1.0)
+
+
+def find_dataset(selection: mf.Manifest, dataset: str | Path | None) -> mf.Manifest | None:
+    """The dataset behind ``selection``: ``dataset`` if given (its id must match), else via the lineage."""
+    expected = selection.params.get("dataset_id")
+    if dataset is not None:
+        found = mf.load(dataset, kind="dataset")
+        if expected and found.id != expected:
+            raise InputError(f"{found.path}: dataset id {found.id[:12]} is not the selection's logits dataset "
+                             f"{expected[:12]}; pass the dataset the logits were computed on")
+        return found
+    try:
+        logits = _input(selection, "logits")
+        return _input(logits, "data") if logits is not None else None
+    except KdpipeError as exc:
+        log.warning("gallery skipped: the dataset is not reachable through the lineage (%s); pass --dataset", exc)
+        return None
+
+
+def _input(manifest: mf.Manifest, role: str) -> mf.Manifest | None:
+    for ref in manifest.inputs:
+        if ref.get("role") == role and ref.get("path"):
+            found = mf.load(manifest.folder / ref["path"])
+            if found.id != ref["id"]:
+                raise InputError(f"{found.path}: id differs from the one {manifest.path} was made from")
+            return found
+    log.warning("gallery skipped: %s names no %r input with a path; pass --dataset", manifest.path, role)
+    return None
+
+
+def pick(table: pa.Table, per_class: int) -> dict[int, tuple[list[int], list[int]]]:
+    """Row indices per label: the ``per_class`` top originals and the ``per_class`` last admitted."""
+    labels = table.column("label").to_numpy()
+    originals = np.flatnonzero(table.column("dup").to_numpy() == 0)
+    out = {}
+    for label in np.unique(labels[originals]):
+        rows = originals[labels[originals] == label]
+        top = rows[:per_class].tolist()
+        out[int(label)] = (top, [r for r in rows[-per_class:].tolist() if r not in top])
+    return out
+
+
+def write_gallery(selection: mf.Manifest, table: pa.Table, folder: Path, per_class: int,
+                  dataset: str | Path | None = None) -> list[str]:
+    """Write ``gallery/class-<label>.png`` per selected class; return their paths relative to ``folder``."""
+    data = find_dataset(selection, dataset)
+    if data is None:
+        return []
+    picks = pick(table, per_class)
+    wanted = {int(i) for top, last in picks.values() for i in top + last}
+    keys = table.column("key").to_pylist()
+    shards = table.column("shard").to_numpy()
+    thumbs = fetch_thumbnails(data, {keys[i]: int(shards[i]) for i in wanted})
+    scores = table.column("score").to_numpy()
+    names = []
+    for label, (top, last) in sorted(picks.items()):
+        name = f"gallery/class-{label:05d}.png"
+        title = f"class {selection.params['class_names'][label]}: top {len(top)} / last {len(last)} admitted"
+        panels = [[(keys[i], scores[i], thumbs.get(keys[i])) for i in row] for row in (top, last)]
+        write_atomic(folder / name, _grid_png(title, panels))
+        names.append(name)
+    return names
+
+
+def fetch_thumbnails(data: mf.Manifest, wanted: dict[str, int]) -> dict[str, np.ndarray | None]:
+    """Thumbnails (HWC uint8) of the wanted keys (key -> shard index); None for an image that fails."""
+    out: dict[str, np.ndarray | None] = {}
+    for shard in sorted(set(wanted.values())):
+        entry = data.files[shard]
+        stats = ShardStats(str(entry["path"]))
+        for key, fields in read_shard(data.file_path(entry), stats, entry["sha256"], entry.get("samples")):
+            if wanted.get(key) == shard:
+                out[key] = _thumbnail(key, fields)
+    return out
+
+
+def _thumbnail(key: str, fields: dict) -> np.ndarray | None:
+    try:
+        img = decode(find_image(fields))
+        return render(img, centre_box(*img.size, THUMB), THUMB)
+    except SampleError as exc:
+        log.warning("gallery: %s not shown (%s)", key, exc.reason)
+        return None
+
+
+def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(1, max(len(row) for row in panels))
+    fig, axes = plt.subplots(2, cols, figsize=(1.4 * cols, 3.4), squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                key, score, thumb = row[c]
+                ax.imshow(thumb if thumb is not None else np.zeros((8, 8, 3), np.uint8))
+                ax.set_title(f"{key[-12:]}\n{score:.3f}", fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,169 @@
+"""The selection report in ``DIR/report/``: per-class counts against the quota, score quantiles, short
+classes, multi-label images (JSON + CSV), a counts bar chart and score histograms (PNG), an optional
+per-class gallery, and a ``report`` manifest (input: the selection) listing every file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import manifest as mf
+from pipeline.atomic import write_atomic
+from pipeline.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+REPORT_DIR = "report"
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def write_report(selection: mf.Manifest, candidates: list[int], gallery: int = 0,
+                 dataset: str | Path | None = None) -> Path:
+    """Write the report beside ``selection``; return the report manifest's path (kept if it exists).
+
+    Args:
+        selection: the finalized selection manifest.
+        candidates: eligible candidates per class (images whose top-P held the class, after exclusion).
+        gallery: images per class in the gallery (the top ones and the last admitted); 0 for none.
+        dataset: dataset manifest holding the images (default: selection -> logits -> dataset lineage).
+    """
+    folder = selection.folder / REPORT_DIR
+    target = folder / mf.MANIFEST_NAME
+    if target.exists():
+        log.info("%s exists; delete %s to redo the report", target, folder)
+        return target
+    table = _read_selection(selection)
+    summary, rows = summarize(table, selection.params, candidates)
+    files = {"selection_report.json": json.dumps(summary, indent=1, sort_keys=True).encode() + b"\n",
+             "per_class.csv": _csv(rows), "counts.png": _counts_png(rows), "scores.png": _scores_png(table, rows)}
+    for name, body in files.items():
+        write_atomic(folder / name, body)
+    names = list(files)
+    if gallery > 0:
+        from stages.select_gallery import write_gallery
+
+        names += write_gallery(selection, table, folder, gallery, dataset)
+    return _write_manifest(selection, folder, names, summary)
+
+
+def _read_selection(selection: mf.Manifest) -> pa.Table:
+    tables = [pq.read_table(selection.file_path(e), columns=["key", "shard", "label", "score", "rank", "dup"])
+              for e in selection.files]
+    return pa.concat_tables(tables)
+
+
+def summarize(table: pa.Table, params: dict, candidates: list[int]) -> tuple[dict, list[dict]]:
+    """The report's summary dict and one row per class (quota, candidates, selected, copies, quantiles)."""
+    names, quotas = params["class_names"], params["per_class"]
+    labels = table.column("label").to_numpy()
+    dup = table.column("dup").to_numpy()
+    scores = table.column("score").to_numpy()
+    original = dup == 0
+    counts = np.bincount(labels[original], minlength=len(names))
+    copies = np.bincount(labels[~original], minlength=len(names))
+    bounds = np.searchsorted(labels[original], np.arange(len(names) + 1))
+    ordered = scores[original]
+    rows = [_class_row(c, names[c], quotas[c], candidates[c], counts[c], copies[c],
+                       ordered[bounds[c]:bounds[c + 1]]) for c in range(len(names))]
+    keys = table.filter(pa.array(original)).column("key")
+    per_key = pc.value_counts(keys).field("counts").to_numpy() if len(keys) else np.zeros(0, np.int64)
+    short = [r["class"] for r in rows if r["short"]]
+    summary = {"rows": table.num_rows, "originals": int(original.sum()), "copies": int((~original).sum()),
+               "unique_images": int(len(per_key)), "multi_label_images": int((per_key > 1).sum()),
+               "max_labels_per_image": int(per_key.max()) if len(per_key) else 0,
+               "quota_total": int(sum(quotas)), "classes_short": short, "num_classes_short": len(short),
+               "policy": params["policy"], "top_p": params["top_p"], "min_score": params["min_score"],
+               "temperature": params["temperature"], "per_class": rows}
+    return summary, rows
+
+
+def _class_row(label: int, name: str, quota: int, candidates: int, selected: int, copies: int,
+               scores: np.ndarray) -> dict:
+    quant = np.quantile(scores, QUANTILES).tolist() if len(scores) else [None] * len(QUANTILES)
+    row = {"label": label, "class": name, "quota": int(quota), "candidates": int(candidates),
+           "selected": int(selected), "copies": int(copies), "short": bool(selected < quota)}
+    row.update({f"score_q{int(q * 100):02d}": (None if v is None else round(float(v), 6))
+                for q, v in zip(QUANTILES, quant)})
+    return row
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _figure_bytes(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _counts_png(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.3 * len(rows))), 4))
+    ax.bar(x, [r["selected"] for r in rows], color="tab:blue", label="selected")
+    ax.bar(x, [r["copies"] for r in rows], bottom=[r["selected"] for r in rows], color="tab:orange",
+           label="balance copies")
+    ax.step(x, [r["quota"] for r in rows], where="mid", color="black", label="quota")
+    if len(rows) <= 40:
+        ax.set_xticks(x, [r["class"] for r in rows], rotation=90, fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    ax.set_title("selected per class vs quota")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _figure_bytes(fig)
+
+
+def _scores_png(table: pa.Table, rows: list[dict], panels: int = 15) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    original = table.filter(pc.equal(table.column("dup"), 0))
+    labels, scores = original.column("label").to_numpy(), original.column("score").to_numpy()
+    shown = [r["label"] for r in rows if r["selected"]][:panels]
+    cols = 4
+    nrows = (len(shown) + 1 + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 2.2 * nrows), squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    axes[0][0].hist(scores, bins=bins, color="tab:gray")
+    axes[0][0].set_title("all classes", fontsize=8)
+    for slot, label in enumerate(shown, start=1):
+        ax = axes[slot // cols][slot % cols]
+        ax.hist(scores[labels == label], bins=bins, color="tab:blue")
+        ax.set_title(f"class {rows[label]['class']}", fontsize=8)
+    for slot in range(len(shown) + 1, nrows * cols):
+        axes[slot // cols][slot % cols].axis("off")
+    fig.suptitle("score p(label|x) of selected images")
+    fig.tight_layout()
+    return _figure_bytes(fig)
+
+
+def _write_manifest(selection: mf.Manifest, folder: Path, names: list[str], summary: dict) -> Path:
+    files = [{"path": name, "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+             for name in names]
+    data = mf.build("report", stage="select-report", params={"of": "selection", "selection_id": selection.id},
+                    files=files, inputs=[mf.input_ref(selection, folder, "selection")],
+                    totals={"rows": summary["rows"], "classes": len(summary["per_class"])})
+    return mf.write(data, folder)
