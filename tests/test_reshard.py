@@ -186,3 +186,63 @@ def test_cli_round_trip_and_verify(chain, selection, resharded, tmp_path):
 
 def test_sample_key_layout():
     assert sample_key("a/b-1", 3, 0) == "a/b-1__l3" and sample_key("x", 0, 2) == "x__l0__d2"
+
+
+def test_real_logits_and_select_stages_feed_reshard(chain, tmp_path):
+    """The real chain: a (random) teacher's logits, a balanced threshold selection, then reshard."""
+    import torch
+
+    from stages.imaging import Preprocess
+    from stages.logits import compute_logits
+    from stages.models import build_model
+    from stages.select import select
+    from stages.teacher_card import write_card
+
+    torch.manual_seed(0)
+    card = write_card(tmp_path / "teacher", build_model("smallcnn", 10), arch="smallcnn",
+                      class_names=[str(d) for d in range(10)], preprocess=Preprocess(size=16), stage="test")
+    logits = compute_logits(chain["dataset"].path, card, tmp_path / "logits", topk=3, temperature=2.0,
+                            num_workers=0)
+    sel = select(logits, tmp_path / "sel", per_class=300, policy="threshold", balance=True, soft_targets=True)
+    out = reshard(sel, tmp_path / "train", shard_size=50, seed=0).manifest
+    rows = {r["key"]: r for r in open_logits(logits).read_part(0).to_pylist()}
+    rows.update({r["key"]: r for i in range(1, 6) for r in open_logits(logits).read_part(i).to_pylist()})
+    samples = list(iter_training_samples(out))
+    assert len(samples) == mf.load(sel).totals["rows"] == mf.load(out).totals["samples"]
+    assert any("__d" in key for key, _ in samples)                      # balance copies became samples
+    for key, fields in samples:
+        meta = json.loads(fields["json"])
+        row = rows[meta["source_key"]]
+        assert meta["topk_index"] == row["topk_index"] and int(fields["cls"]) == row["topk_index"][0]
+        assert np.array_equal(np.float16(meta["topk_logit"]), np.float16(row["topk_logit"]))
+    assert main(["verify", str(out)]) == 0
+
+
+def test_undecodable_and_imageless_samples_are_counted_failures(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from pipeline.hashing import sha256_file
+    from stages.shardio import write_shard
+
+    good = io.BytesIO()
+    Image.new("RGB", (4, 4), (9, 9, 9)).save(good, format="PNG")
+    truncated = good.getvalue()[:30]
+    samples = [{"__key__": "ok", "png": good.getvalue()}, {"__key__": "cut", "png": truncated},
+               {"__key__": "junk", "png": b"not an image at all"}, {"__key__": "bare", "txt": b"no image"}]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(data / "s0.tar", iter(samples))
+    entry = {"path": "s0.tar", "bytes": (data / "s0.tar").stat().st_size, "sha256": sha256_file(data / "s0.tar"),
+             "samples": 4}
+    mf.write(mf.build("dataset", stage="test", params={"labeled": False, "class_names": [], "num_classes": 0},
+                      files=[entry], totals={"samples": 4}), data)
+    logits = make_logits(tmp_path / "logits", [(["ok", "cut", "junk", "bare"], np.eye(4, dtype=np.float32))],
+                         topk=2, data=data / "manifest.json")
+    selection = make_selection(tmp_path / "sel", logits, per_class=1)
+    sniffed = mf.load(reshard(selection, tmp_path / "sniff").manifest)
+    assert sniffed.totals["samples"] == 2 and sniffed.totals["failures"] == {"missing_image": 1, "not_an_image": 1}
+    decoded = mf.load(reshard(selection, tmp_path / "decode", decode_check=True).manifest)
+    assert decoded.totals["samples"] == 1
+    assert decoded.totals["failures"] == {"corrupt_image": 2, "missing_image": 1}
