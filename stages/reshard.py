@@ -10,6 +10,7 @@ are shuffled with a seed. Every selected row lands exactly once or is a counted 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -108,8 +109,8 @@ class _PartWriter:
 
     def _samples(self, rows: list[dict], spool, failures: dict[str, list[str]]) -> list[tuple]:
         samples, seen = [], set()
-        for shard in sorted({r["shard"] for r in rows}):
-            group = [r for r in rows if r["shard"] == shard]
+        for shard, members in itertools.groupby(rows, key=lambda r: r["shard"]):  # rows are sorted by shard
+            group = list(members)
             images = self._spool_shard(shard, {r["key"] for r in group}, spool)
             targets = self._targets(shard, group)
             for row in group:
@@ -181,7 +182,7 @@ def _materialise(sample: tuple, spool) -> dict:
 def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None = None, shard_size: int = 1000,
             shard_bytes: int = 256 << 20, seed: int = 0, decode_check: bool = False, max_rows: int = 1_000_000,
             task_index: int = 0, num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
-            do_finalize: bool = True) -> ReshardResult:
+            do_finalize: bool = True, finalize_only: bool = False) -> ReshardResult:
     """Write the selection's samples as training shards in ``out``; finalize when every part is committed.
 
     Args:
@@ -198,6 +199,7 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
         retry_failed: retry parts that failed ``max_attempts`` times.
         max_attempts: give up on a part after this many failed attempts.
         do_finalize: write the manifest when every part is committed.
+        finalize_only: write no part, only the manifest (``ManifestError`` naming the parts still missing).
     """
     if shard_size < 1 or shard_bytes < 1:
         raise InputError(f"--shard-size and --shard-bytes must be >= 1 (got {shard_size}, {shard_bytes})")
@@ -207,13 +209,13 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     params = _fingerprint_params(lineage, shard_size, shard_bytes, seed, decode_check)
     out = Path(out)
     store = PartStore(out, ".tar", fingerprint("reshard", params, CODE_VERSION), count_samples)
-    block = list(plan_block(task_index, num_tasks, len(plan.parts)))
+    block = [] if finalize_only else list(plan_block(task_index, num_tasks, len(plan.parts)))
     cache = _WaveCache(rows, plan, plan_waves(plan.part_rows, block, max_rows))
-    out.mkdir(parents=True, exist_ok=True)
     writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
     report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard")
-    done = do_finalize and all(store.committed(i, verify=False) is not None for i in range(len(plan.parts)))
+    done = finalize_only or (do_finalize and all(store.committed(i, verify=False) is not None
+                                                 for i in range(len(plan.parts))))
     manifest = _finalize(store, lineage, rows, plan, params, out) if done else None
     return ReshardResult(manifest, report)
 

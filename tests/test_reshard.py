@@ -246,3 +246,14 @@ def test_undecodable_and_imageless_samples_are_counted_failures(tmp_path):
     decoded = mf.load(reshard(selection, tmp_path / "decode", decode_check=True).manifest)
     assert decoded.totals["samples"] == 1
     assert decoded.totals["failures"] == {"corrupt_image": 2, "missing_image": 1}
+
+
+def test_array_tasks_then_finalize_from_the_cli(selection, resharded, tmp_path, caplog):
+    base = ["reshard", "--selection", str(selection), "--out", str(tmp_path), "--shard-size", "25", "--seed", "3"]
+    assert main(base + ["--task-index", "0", "--num-tasks", "2"]) == 0
+    assert not (tmp_path / "manifest.json").exists()
+    assert main(base + ["--finalize"]) == 2 and "cannot finalize" in caplog.text
+    assert main(base + ["--task-index", "1", "--num-tasks", "2", "--no-finalize"]) == 0
+    assert not (tmp_path / "manifest.json").exists()
+    assert main(base + ["--finalize"]) == 0
+    assert mf.load(tmp_path).id == mf.load(resharded).id

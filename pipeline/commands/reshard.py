@@ -34,6 +34,7 @@ def run(args) -> int:
     result = reshard(args.selection, args.out, data=args.data, shard_size=args.shard_size,
                      shard_bytes=args.shard_bytes, seed=args.seed, decode_check=args.decode_check,
                      max_rows=args.max_rows, task_index=index, num_tasks=count, retry_failed=args.retry_failed,
-                     max_attempts=args.max_attempts, do_finalize=not args.no_finalize)
+                     max_attempts=args.max_attempts, do_finalize=not args.no_finalize,
+                     finalize_only=args.finalize)
     log.info("reshard: %s", result.manifest or "parts committed; manifest pending other tasks")
     return result.report.exit_code
