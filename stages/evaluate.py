@@ -106,16 +106,14 @@ def check_inputs(card: mf.Manifest, data: mf.Manifest, teacher: LogitsSet | None
 
 def score(student: LogitsSet, teacher: LogitsSet | None, labels: Labels) -> Accumulator:
     """Accumulate every metric over the student's logits parts (part i = dataset shard i)."""
-    classes = student.num_classes
-    acc = Accumulator(classes)
+    acc = Accumulator(student.num_classes)
     for part in range(student.num_parts):
         table = student.read_part(part, columns=_COLUMNS)
         keys = table.column("key").to_pylist()
         ranked = fixed_list_to_numpy(table.column("topk_index"), student.topk).astype(np.int64)
         t_table = teacher.read_part(part, columns=_COLUMNS) if teacher is not None else None
-        t_keys = t_table.column("key").to_pylist() if t_table is not None else []
-        known = labels.for_keys(part, list(dict.fromkeys(keys + t_keys)))
-        by_key = dict(zip(dict.fromkeys(keys + t_keys), known))
+        union = list(dict.fromkeys(keys + (t_table.column("key").to_pylist() if t_table is not None else [])))
+        by_key = dict(zip(union, labels.for_keys(part, union)))
         acc.update_accuracy(np.array([by_key[k] for k in keys], dtype=np.int64), ranked)
         if t_table is not None:
             _teacher_batch(acc, table, ranked, t_table, by_key, teacher)
