@@ -7,7 +7,8 @@ the hash is exported to every stage as ``KDPIPE_CONFIG_HASH`` (manifests record 
 resolved config is written beside every output (``OUT/_config/config-<hash12>.json``) and in the run folder.
 
 Each stage becomes one command line ``kdpipe <command> [argv...] [--flag value ...] --out OUT``; see
-``stage_argv``. This module knows command names only to pick a default ``mode``; it imports no stage.
+``stage_argv`` (``entry: module`` runs ``python -m module <command> ...`` instead, for stages outside kdpipe whose
+module has ``main(argv) -> int``). This module knows command names only to pick a default ``mode``; it imports no stage.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Stage:
 
     name: str
     command: str
+    entry: str
     argv: list[str]
     args: dict[str, Any]
     out: Path | None
@@ -179,7 +181,7 @@ def _resolve_stage(name: str, body: dict, data: dict, outs: dict, where: str) ->
     out = None if out is None else str(_absolute(sub(out), Path(data["run_dir"])))
     mode = body.get("mode", DEFAULT_MODES.get(body["command"], "single"))
     stage = {
-        "command": body["command"], "argv": [sub(v) for v in body.get("argv", []) if v is not None],
+        "command": body["command"], "entry": body.get("entry", "pipeline"), "argv": [sub(v) for v in body.get("argv", []) if v is not None],
         "args": {k: ([sub(x) for x in v] if isinstance(v, list) else sub(v)) for k, v in body.get("args", {}).items()},
         "out": out, "outputs": [] if out is None else [str((Path(out) / o).resolve()) for o in
                                                        body.get("outputs", ["."])],
@@ -231,7 +233,7 @@ def _default_python() -> str:
 
 
 def _stage(name: str, body: dict) -> Stage:
-    return Stage(name=name, command=body["command"], argv=[_arg_text(v) for v in body["argv"]],
+    return Stage(name=name, command=body["command"], entry=body.get("entry", "pipeline"), argv=[_arg_text(v) for v in body["argv"]],
                  args=body["args"], out=Path(body["out"]) if body["out"] else None,
                  outputs=[Path(o) for o in body["outputs"]], mode=body["mode"], array=body["array"],
                  task_args=list(body["task_args"]), finalize_args=list(body["finalize_args"]),

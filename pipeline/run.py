@@ -4,12 +4,14 @@ A stage is complete when every manifest it makes exists and verifies (``pipeline
 sha256, counts). Otherwise its command line (``pipeline.config.stage_argv``) runs as one task over all parts
 (``--task-index 0 --num-tasks 1``): committed parts are skipped, so an interrupted stage resumes part by part.
 If the task leaves the manifest unwritten, the stage's finalize command runs. Stages run in this process
-(``cli.main``) or, with ``subprocess=True``, as ``python -m pipeline ...`` child processes.
+(``cli.main``, or ``main`` of the stage's ``entry`` module) or, with ``subprocess=True``, as
+``python -m pipeline ...`` child processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import subprocess
@@ -110,9 +112,9 @@ def invoke(config: Config, stage: Stage, argv: list[str], subprocess_mode: bool)
     env = stage_env(config, stage)
     log.info("stage %s: kdpipe %s", stage.name, " ".join(argv))
     if subprocess_mode:
-        cmd = [config.python, "-m", "pipeline", *argv]
+        cmd = [config.python, "-m", stage.entry, *argv]
         return subprocess.run(cmd, cwd=config.workdir, env={**os.environ, **env}, check=False).returncode
-    from pipeline.cli import main
+    main = importlib.import_module("pipeline.cli" if stage.entry == "pipeline" else stage.entry).main
     with _environment(env), _cwd(config.workdir):
         try:
             return int(main(argv) or 0)
