@@ -178,7 +178,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
         acc.add(labels, scores, pa.Table.from_batches([batch.select(columns).take(pa.array(rows))]))
         images += int((~other).sum()) if views else batch.num_rows
     table = acc.result()
-    write_parquet(table, tmp)
+    write_parquet(table, tmp, compression="lz4")  # an intermediate: fast to write and read back
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
              block.start, block.stop - 1, table.num_rows, acc.compactions)
     extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}

@@ -29,9 +29,10 @@ def payload_columns(soft_targets: bool) -> list[str]:
     return list(BASE_COLUMNS) + (list(SOFT_COLUMNS) if soft_targets else [])
 
 
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """Deterministic Parquet write (fixed row groups, zstd): equal tables give equal bytes."""
-    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP, write_statistics=True)
+def write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> None:
+    """Deterministic Parquet write (fixed row groups, no dictionary for keys): equal tables, equal bytes."""
+    pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP, write_statistics=True,
+                   use_dictionary=[c for c in table.column_names if c != "key"])
 
 
 def final_table(top: pa.Table, spec: SelectSpec, meta: dict) -> pa.Table:

@@ -118,19 +118,20 @@ def _counts_png(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, 0.3 * len(rows))), 4))
-    ax.bar(x, [r["selected"] for r in rows], color="tab:blue", label="selected")
-    ax.bar(x, [r["copies"] for r in rows], bottom=[r["selected"] for r in rows], color="tab:orange",
-           label="balance copies")
-    ax.step(x, [r["quota"] for r in rows], where="mid", color="black", label="quota")
+    edges = np.arange(len(rows) + 1) - 0.5
+    selected = np.array([r["selected"] for r in rows])
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.3 * len(rows))), 4))
+    ax.stairs(selected, edges, fill=True, color="tab:blue", label="selected")
+    ax.stairs(selected + np.array([r["copies"] for r in rows]), edges, baseline=selected, fill=True,
+              color="tab:orange", label="balance copies")
+    ax.stairs([r["quota"] for r in rows], edges, color="black", label="quota")
     if len(rows) <= 40:
-        ax.set_xticks(x, [r["class"] for r in rows], rotation=90, fontsize=7)
+        ax.set_xticks(np.arange(len(rows)), [r["class"] for r in rows], rotation=90, fontsize=7)
     ax.set_xlabel("class")
     ax.set_ylabel("images")
     ax.set_title("selected per class vs quota")
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(bottom=0.2)
     return _figure_bytes(fig)
 
 
@@ -147,16 +148,16 @@ def _scores_png(table: pa.Table, rows: list[dict], panels: int = 15) -> bytes:
     nrows = (len(shown) + 1 + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 2.2 * nrows), squeeze=False)
     bins = np.linspace(0, 1, 41)
-    axes[0][0].hist(scores, bins=bins, color="tab:gray")
+    axes[0][0].stairs(np.histogram(scores, bins)[0], bins, fill=True, color="tab:gray")
     axes[0][0].set_title("all classes", fontsize=8)
     for slot, label in enumerate(shown, start=1):
         ax = axes[slot // cols][slot % cols]
-        ax.hist(scores[labels == label], bins=bins, color="tab:blue")
+        ax.stairs(np.histogram(scores[labels == label], bins)[0], bins, fill=True, color="tab:blue")
         ax.set_title(f"class {rows[label]['class']}", fontsize=8)
     for slot in range(len(shown) + 1, nrows * cols):
         axes[slot // cols][slot % cols].axis("off")
     fig.suptitle("score p(label|x) of selected images")
-    fig.tight_layout()
+    fig.subplots_adjust(hspace=0.6, wspace=0.3)
     return _figure_bytes(fig)
 
 

@@ -83,16 +83,31 @@ class ClassTopK:
             return np.empty(0, np.int32), np.empty(0, np.float32), pa.table({"key": pa.array([], pa.string())})
         labels = np.concatenate(self._labels)
         scores = np.concatenate(self._scores)
-        payload = pa.concat_tables(self._payload).combine_chunks()
+        payload = pa.concat_tables(self._payload)
         return labels, scores, payload
 
     def result(self) -> pa.Table:
         """The exact top rows as a table with ``label``, ``score`` and the payload, in ``SORT_ORDER``."""
         self.compact()
         labels, scores, payload = self._concat()
-        table = payload.append_column("label", pa.array(labels, pa.int32()))
-        table = table.append_column("score", pa.array(scores, pa.float32()))
-        return table.sort_by(SORT_ORDER)
+        order = sorted_order(labels, scores, payload.column("key"))
+        table = payload.take(pa.array(order))
+        table = table.append_column("label", pa.array(labels[order], pa.int32()))
+        return table.append_column("score", pa.array(scores[order], pa.float32()))
+
+
+def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Row order by (label asc, score desc, key asc): a numeric sort, then keys compared only within ties."""
+    comp = composite(labels, scores)
+    order = np.argsort(comp, kind="stable")
+    ordered = comp[order]
+    equal = ordered[1:] == ordered[:-1]
+    if equal.any():
+        tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])
+        rows = order[tied]
+        sub = pa.table({"c": comp[rows], "k": pc.take(keys, pa.array(rows))})
+        order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending")]).to_numpy()]
+    return order
 
 
 def _exact_keep(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray,

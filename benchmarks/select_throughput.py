@@ -1,0 +1,189 @@
+"""Benchmark: ``kdpipe select`` (policy topk) against the DuckDB SQL a user would write, same Parquet files.
+
+Writes a synthetic logits artifact (C=1000 classes, top-K=10, N images in parts of ``--part-rows``) per the
+logits contract, then for each N in ``--scales`` runs, each in its own subprocess (so peak RSS is that
+run's alone): ``kdpipe select --per-class 2000 --top-p 5`` and DuckDB (unnest the top-P, window per label
+ordered by score desc and key asc, keep rank < K, ORDER BY and COPY to Parquet). Checks that both give the
+same rows (key, label, rank, score), prints images/s, the ratio, and peak RSS of each.
+
+    .venv/bin/python benchmarks/select_throughput.py --n 20000000 --scales 5000000,10000000,20000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import manifest as mf  # noqa: E402
+from pipeline.parts import PartResult, PartStore, fingerprint  # noqa: E402
+from pipeline.tasks import file_entries, finalize, run_parts  # noqa: E402
+from stages.imaging import Preprocess  # noqa: E402
+from stages.logits_format import SCHEMA_VERSION, arrow_schema  # noqa: E402
+
+C, K, T = 1000, 10, 1.0
+PER_CLASS, TOP_P = 2000, 5
+STRIDES = np.array([s for s in range(1, C) if np.gcd(s, C) == 1])
+
+
+def synthetic_part(rng: np.random.Generator, part: int, rows: int, meta: dict) -> pa.Table:
+    """``rows`` images: K distinct classes (base + j * stride mod C, skewed base), sorted logits, exact-ish lse."""
+    base = (rng.power(0.7, rows) * C).astype(np.int64) % C
+    stride = STRIDES[rng.integers(0, len(STRIDES), rows)]
+    index = ((base[:, None] + np.arange(K) * stride[:, None]) % C).astype(np.int16)
+    gaps = rng.exponential(0.6, size=(rows, K)).astype(np.float32)
+    gaps[:, 0] = 0
+    logit = (rng.normal(4.0, 2.0, rows).astype(np.float32)[:, None] - np.cumsum(gaps, axis=1)).astype(np.float32)
+    rest = (C - K) * np.exp((logit[:, -1].astype(np.float64) - 1.0) / T)
+    lse = np.log(np.exp(logit.astype(np.float64) / T).sum(axis=1) + rest).astype(np.float32)
+    numbers = pc.cast(pa.array(np.arange(rows, dtype=np.int64)), pa.string())
+    keys = pc.binary_join_element_wise(f"img-{part:05d}-", pc.utf8_lpad(numbers, 9, "0"), "")
+    schema = arrow_schema(C, K, metadata=meta)
+    return pa.table({"key": keys, "shard": pa.array(np.full(rows, part, np.int32)),
+                     "topk_index": pa.FixedSizeListArray.from_arrays(pa.array(index.ravel()), K),
+                     "topk_logit": pa.FixedSizeListArray.from_arrays(pa.array(logit.ravel()), K),
+                     "lse": pa.array(lse)}, schema=schema)
+
+
+def write_parts(folder: Path, num_parts: int, part_rows: int) -> None:
+    """The synthetic parts (each through ``PartStore.commit``; existing ones are kept)."""
+    meta = {"schema_version": SCHEMA_VERSION, "temperature": T, "topk": K, "num_classes": C,
+            "teacher_id": "b" * 64, "dataset_id": "c" * 64}
+    store = PartStore(folder, ".parquet", fingerprint("bench-logits", {**meta, "rows": part_rows}, "bench-1"),
+                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+
+    def produce(index: int) -> dict:
+        table = synthetic_part(np.random.default_rng(index), index, part_rows, meta)
+        def write(tmp: Path) -> PartResult:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=128 * 1024)
+            return PartResult(expected_rows=part_rows)
+        return store.commit(index, write)
+
+    run_parts(store, range(num_parts), produce)
+    return store, meta
+
+
+def logits_manifest(folder: Path, store: PartStore, meta: dict, num_parts: int) -> Path:
+    """A logits manifest over the first ``num_parts`` parts (hard links into ``folder``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    receipts = store.receipts()
+    for i in range(num_parts):
+        link = folder / receipts[i]["file"]
+        if not link.exists():
+            os.link(store.part_path(i), link)
+    params = {k: v for k, v in meta.items() if k != "schema_version"}
+    params.update({"class_names": [str(c) for c in range(C)], "preprocess": Preprocess().to_dict(),
+                   "views": {"count": 1, "policy": "centre", "aug": None}, "embedding_dim": None,
+                   "logit_dtype": "float32", "parquet_schema_version": SCHEMA_VERSION})
+    rows = sum(receipts[i]["rows"] for i in range(num_parts))
+    data = mf.build("logits", stage="bench", params=params, files=file_entries([receipts[i] for i in range(num_parts)]),
+                    totals={"samples": rows, "rows": rows})
+    if (folder / mf.MANIFEST_NAME).exists():
+        return folder / mf.MANIFEST_NAME
+    return mf.write(data, folder)
+
+
+def child_kdpipe(manifest: str, out: str) -> None:
+    from pipeline.cli import main
+
+    code = main(["--log-level", "WARNING", "select", "--logits", manifest, "--out", out, "--per-class",
+                 str(PER_CLASS), "--top-p", str(TOP_P), "--gallery", "0"])
+    assert code == 0
+
+
+def child_duckdb(manifest: str, out: str) -> None:
+    import duckdb
+
+    loaded = mf.load(manifest)
+    files = ", ".join(f"'{loaded.file_path(e)}'" for e in loaded.files)
+    con = duckdb.connect()
+    con.execute("SET threads = 2")
+    con.execute(f"""
+        COPY (
+          WITH cand AS (
+            SELECT key, shard, unnest(topk_index[1:{TOP_P}]) AS label, unnest(topk_logit[1:{TOP_P}]) AS z, lse
+            FROM read_parquet([{files}])
+          )
+          SELECT key, shard, CAST(label AS INTEGER) AS label,
+                 CAST(exp(CAST(z AS DOUBLE) / {T} - CAST(lse AS DOUBLE)) AS FLOAT) AS score,
+                 CAST(row_number() OVER (PARTITION BY label ORDER BY
+                      CAST(exp(CAST(z AS DOUBLE) / {T} - CAST(lse AS DOUBLE)) AS FLOAT) DESC, key ASC) - 1
+                      AS INTEGER) AS rank
+          FROM cand
+          QUALIFY rank < {PER_CLASS}
+          ORDER BY label, rank
+        ) TO '{out}' (FORMAT parquet, COMPRESSION zstd)""")
+
+
+def run_child(kind: str, manifest: Path, out: Path) -> dict:
+    """Run one engine in a fresh interpreter; return its seconds and peak RSS (MiB)."""
+    code = (f"import sys, time, resource, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import select_throughput as b; t = time.perf_counter(); b.child_{kind}({str(manifest)!r}, "
+            f"{str(out)!r}); s = time.perf_counter() - t; "
+            "print(json.dumps({'seconds': s, 'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_rows(kdpipe_part: Path, duck_file: Path) -> tuple[bool, str]:
+    """Compare (label, rank, key, score) of both outputs."""
+    cols = ["key", "label", "rank", "score"]
+    a = pq.read_table(kdpipe_part, columns=cols)
+    b = pq.read_table(duck_file, columns=cols).sort_by([("label", "ascending"), ("rank", "ascending")])
+    if a.num_rows != b.num_rows:
+        return False, f"rows {a.num_rows} vs {b.num_rows}"
+    diffs = {c: int((~pc.equal(a.column(c), b.column(c)).to_numpy(zero_copy_only=False)).sum()) for c in cols}
+    return not any(diffs.values()), f"{a.num_rows} rows; differing values per column: {diffs}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20_000_000, help="images in the largest run")
+    parser.add_argument("--scales", default=None, help="comma-separated N values to time (default: N)")
+    parser.add_argument("--part-rows", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdpipe-select-bench"))
+    parser.add_argument("--skip-duckdb", action="store_true")
+    args = parser.parse_args()
+    scales = [int(s) for s in args.scales.split(",")] if args.scales else [args.n]
+    num_parts = -(-max(scales) // args.part_rows)
+    started = time.perf_counter()
+    store, meta = write_parts(args.workdir / "parts", num_parts, args.part_rows)
+    print(f"synthetic logits: {num_parts} parts x {args.part_rows:,} rows, C={C}, K={K} "
+          f"({time.perf_counter() - started:.0f} s; load {os.getloadavg()[0]:.2f})", flush=True)
+    print(f"{'N':>12} {'kdpipe s':>9} {'img/s':>11} {'RSS MiB':>8} {'duckdb s':>9} {'img/s':>11} {'RSS MiB':>8} "
+          f"{'speed x':>8} {'mem x':>6}  same rows  (load 1/5 min)")
+    for n in scales:
+        parts = n // args.part_rows
+        manifest = logits_manifest(args.workdir / f"n{n}", store, meta, parts)
+        out = args.workdir / f"sel-{n}-{time.time_ns()}"
+        k = run_child("kdpipe", manifest, out)
+        d = {"seconds": float("nan"), "rss_mib": float("nan")}
+        same = (True, "not compared")
+        if not args.skip_duckdb:
+            duck = args.workdir / f"duck-{n}.parquet"
+            d = run_child("duckdb", manifest, duck)
+            same = same_rows(out / "part-000000.parquet", duck)
+        rows = parts * args.part_rows
+        load = os.getloadavg()
+        print(f"{rows:>12,} {k['seconds']:>9.2f} {rows / k['seconds']:>11,.0f} {k['rss_mib']:>8.0f} "
+              f"{d['seconds']:>9.2f} {rows / d['seconds']:>11,.0f} {d['rss_mib']:>8.0f} "
+              f"{d['seconds'] / k['seconds']:>8.2f} {d['rss_mib'] / k['rss_mib']:>6.2f}  {same[0]} ({same[1]})"
+              f"  ({load[0]:.2f}/{load[1]:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
