@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from pipeline import manifest as mf
-from pipeline.errors import IntegrityError, InputError
+from pipeline.errors import IntegrityError, InputError, ManifestError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
@@ -157,6 +157,9 @@ class _PartWriter:
         if all(row.get("lse") is not None for row in group):
             return {r["key"]: {c: r[c] for c in TARGET_COLUMNS} for r in group}
         needed = {r["key"] for r in group}
+        if self.lineage.logits is None:
+            raise ManifestError(f"{self.lineage.selection.path}: rows of shard {shard} lack soft targets and the "
+                                "logits they came from cannot be found; restore its lineage path")
         table = self.lineage.logits.read_part(shard, columns=["key", *TARGET_COLUMNS])
         return {r["key"]: r for r in table.to_pylist() if r["key"] in needed}
 
