@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
 from pipeline.errors import IntegrityError, PartFailed
@@ -109,9 +110,11 @@ def _run_batch(batch: list[tuple], engine: Engine, rows: PartRows, failures: dic
         return
     out = engine.run(torch.stack([p.to(engine.device) for _, p in good]))
     keys = [k for k, _ in good]
-    for j in (~out.finite).nonzero()[0]:
-        failures.setdefault(NONFINITE, []).append(keys[j])
-        log.warning("%s: non-finite logits; not written (counted as %s)", keys[j], NONFINITE)
+    bad = [keys[j] for j in np.flatnonzero(~out.finite)]
+    if bad:
+        failures.setdefault(NONFINITE, []).extend(bad)
+        log.warning("%d sample(s) with non-finite logits (%s, ...); not written, counted as %s",
+                    len(bad), bad[0], NONFINITE)
     keep = out.finite
     rows.append([k for k, ok in zip(keys, keep) if ok], out.index[keep], out.logit[keep], out.lse[keep],
                 None if out.embedding is None else out.embedding[keep])
@@ -126,7 +129,7 @@ def _decode_raw(batch: list[tuple], engine: Engine) -> list[tuple]:
     for i, key, view in gpu_centre_views(raw, engine.pp, engine.device):
         if view is None:
             try:
-                view = torch.from_numpy(imaging.centre_view(bytes(batch[i][2].numpy()), engine.pp))
+                view = torch.from_numpy(np.array(imaging.centre_view(bytes(batch[i][2].numpy()), engine.pp)))
             except imaging.SampleError as exc:
                 batch[i] = (key, None, None, exc.reason)
                 continue
@@ -155,4 +158,4 @@ def _succeeds(fields: dict, pp: imaging.Preprocess, engine: Engine) -> bool:
         view = imaging.centre_view(imaging.find_image(fields), pp)
     except imaging.SampleError:
         return False
-    return bool(engine.run(torch.from_numpy(view)[None]).finite[0])
+    return bool(engine.run(torch.from_numpy(np.array(view))[None]).finite[0])

@@ -22,9 +22,9 @@ DIGITS_PP = imaging.Preprocess(size=28, crop_fraction=1.0, mean=(0.5, 0.5, 0.5),
 NAMES = [str(d) for d in range(10)]
 
 
-def digits_data(out: Path, shard_size: int = 400) -> Path:
-    """The bundled digits as a labeled dataset (1797 samples)."""
-    return ingest("digits", out, shard_size=shard_size)["all"]
+def digits_data(out: Path, shard_size: int = 100, samples: int = 400) -> Path:
+    """A labeled dataset of ``samples`` of the bundled digits (a seeded split of the 1797; the rest unused)."""
+    return ingest("digits", out, shard_size=shard_size, split=f"sub={samples},rest=rest")["sub"]
 
 
 def shard_images(data: Path, pp: imaging.Preprocess = DIGITS_PP) -> list[tuple[list[str], np.ndarray]]:
@@ -54,7 +54,7 @@ def train_card(out: Path, data: Path | None, *, steps: int = 25, seed: int = 0, 
         gen = torch.Generator().manual_seed(seed)
         model.train()
         for _ in range(steps):
-            pick = torch.randint(0, len(y), (64,), generator=gen)
+            pick = torch.randint(0, len(y), (32,), generator=gen)
             loss = torch.nn.functional.cross_entropy(model(x[pick]), y[pick])
             opt.zero_grad()
             loss.backward()
