@@ -32,6 +32,7 @@ from stages.select_topk import ClassTopK
 log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
+ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts
 _AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse")
 
@@ -168,17 +169,21 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     views = logits_set.num_parts > 0 and "view" in pq.read_schema(logits_set.part_path(0)).names
     read = ["key", "shard", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     images = excluded = 0
-    for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=block):
-        dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
-        excluded += 0 if dropped is None else int(dropped.sum())
-        if views:  # multi-view logits: an image is ranked by its centre view (view 0) only
-            other = batch.column("view").to_numpy() != 0
-            dropped = other if dropped is None else (dropped | other)
-        labels, scores, rows = scorer(batch, acc.thr, dropped)
-        acc.add(labels, scores, pa.Table.from_batches([batch.select(columns).take(pa.array(rows))]))
-        images += int((~other).sum()) if views else batch.num_rows
+    for part in block:
+        offset = 0
+        for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
+            dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
+            excluded += 0 if dropped is None else int(dropped.sum())
+            if views:  # multi-view logits: an image is ranked by its centre view (view 0) only
+                other = batch.column("view").to_numpy() != 0
+                dropped = other if dropped is None else (dropped | other)
+            labels, scores, rows = scorer(batch, acc.thr, dropped)
+            payload = pa.Table.from_batches([batch.select(columns).take(pa.array(rows))])
+            acc.add(labels, scores, payload.append_column(ROW_ID, pa.array((part << 32) + offset + rows)))
+            images += int((~other).sum()) if views else batch.num_rows
+            offset += batch.num_rows
     table = acc.result()
-    write_parquet(table, tmp, compression="lz4")  # an intermediate: fast to write and read back
+    write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
              block.start, block.stop - 1, table.num_rows, acc.compactions)
     extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}
@@ -199,6 +204,7 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     report = run_parts(store, [0], lambda index: store.commit(index, write), desc="select reduce")
     if report.exit_code:
         raise PartFailed(f"{out}: the reduce failed: {report.failed or report.given_up}")
+    stats = store.committed(0, verify=False)["extra"]
     inputs = [mf.input_ref(logits_set.manifest, out, "logits")]
     if exclusion:
         inputs.append(mf.input_ref(exclusion.manifest, out, "exclude"))
@@ -210,7 +216,7 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     path = finalize(store, 1, build)
     from stages.select_report import write_report
 
-    write_report(mf.load(path, kind="selection"), totals["candidates"], gallery=gallery, dataset=dataset)
+    write_report(mf.load(path, kind="selection"), stats, gallery=gallery, dataset=dataset)
     return path
 
 
@@ -222,15 +228,25 @@ def _map_totals(receipts: list[dict]) -> dict:
 
 def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, num_tasks: int, batch_rows: int,
                   totals: dict) -> PartResult:
+    top = _merge_maps(maps, spec, num_tasks, batch_rows)
+    meta = {"schema_version": SCHEMA_VERSION, "logits_id": params["logits_id"], "policy": spec.policy,
+            "temperature": params["temperature"], "topk": params["topk"], "top_p": spec.depth}
+    table = final_table(top, spec, meta)
+    write_parquet(table, tmp)
+    _, per_image = np.unique(top.column(ROW_ID).to_numpy(), return_counts=True)
+    images = {"unique_images": len(per_image), "multi_label_images": int((per_image > 1).sum()),
+              "max_labels_per_image": int(per_image.max()) if len(per_image) else 0}
+    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra={**totals, **images})
+
+
+def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: int) -> pa.Table:
+    """The exact top rows over all map parts (one map part is already exact and sorted)."""
+    if num_tasks == 1:
+        return pq.read_table(maps.part_path(0))
     acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score)
-    columns = payload_columns(spec.soft_targets)
+    columns = payload_columns(spec.soft_targets) + [ROW_ID]
     for index in range(num_tasks):
         for batch in pq.ParquetFile(maps.part_path(index)).iter_batches(batch_size=batch_rows):
             labels = batch.column("label").to_numpy()
-            scores = batch.column("score").to_numpy()
-            acc.add(labels, scores, pa.Table.from_batches([batch.select(columns)]))
-    meta = {"schema_version": SCHEMA_VERSION, "logits_id": params["logits_id"], "policy": spec.policy,
-            "temperature": params["temperature"], "topk": params["topk"], "top_p": spec.depth}
-    table = final_table(acc.result(), spec, meta)
-    write_parquet(table, tmp)
-    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra=totals)
+            acc.add(labels, batch.column("score").to_numpy(), pa.Table.from_batches([batch.select(columns)]))
+    return acc.result()

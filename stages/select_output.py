@@ -30,9 +30,10 @@ def payload_columns(soft_targets: bool) -> list[str]:
 
 
 def write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> None:
-    """Deterministic Parquet write (fixed row groups, no dictionary for keys): equal tables, equal bytes."""
-    pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP, write_statistics=True,
-                   use_dictionary=[c for c in table.column_names if c != "key"])
+    """Deterministic Parquet write (fixed row groups; no dictionary or statistics for keys, they are unique)."""
+    others = [c for c in table.column_names if c not in ("key", "matched_key")]
+    pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP, write_statistics=others,
+                   use_dictionary=others)
 
 
 def final_table(top: pa.Table, spec: SelectSpec, meta: dict) -> pa.Table:

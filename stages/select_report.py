@@ -25,13 +25,14 @@ REPORT_DIR = "report"
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
-def write_report(selection: mf.Manifest, candidates: list[int], gallery: int = 0,
+def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
                  dataset: str | Path | None = None) -> Path:
     """Write the report beside ``selection``; return the report manifest's path (kept if it exists).
 
     Args:
         selection: the finalized selection manifest.
-        candidates: eligible candidates per class (images whose top-P held the class, after exclusion).
+        stats: the reduce's counts: ``candidates`` per class (images whose top-P held the class, after
+            exclusion), ``unique_images``, ``multi_label_images``, ``max_labels_per_image``.
         gallery: images per class in the gallery (the top ones and the last admitted); 0 for none.
         dataset: dataset manifest holding the images (default: selection -> logits -> dataset lineage).
     """
@@ -41,7 +42,7 @@ def write_report(selection: mf.Manifest, candidates: list[int], gallery: int = 0
         log.info("%s exists; delete %s to redo the report", target, folder)
         return target
     table = _read_selection(selection)
-    summary, rows = summarize(table, selection.params, candidates)
+    summary, rows = summarize(table, selection.params, stats)
     files = {"selection_report.json": json.dumps(summary, indent=1, sort_keys=True).encode() + b"\n",
              "per_class.csv": _csv(rows), "counts.png": _counts_png(rows), "scores.png": _scores_png(table, rows)}
     for name, body in files.items():
@@ -60,7 +61,7 @@ def _read_selection(selection: mf.Manifest) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def summarize(table: pa.Table, params: dict, candidates: list[int]) -> tuple[dict, list[dict]]:
+def summarize(table: pa.Table, params: dict, stats: dict) -> tuple[dict, list[dict]]:
     """The report's summary dict and one row per class (quota, candidates, selected, copies, quantiles)."""
     names, quotas = params["class_names"], params["per_class"]
     labels = table.column("label").to_numpy()
@@ -71,14 +72,11 @@ def summarize(table: pa.Table, params: dict, candidates: list[int]) -> tuple[dic
     copies = np.bincount(labels[~original], minlength=len(names))
     bounds = np.searchsorted(labels[original], np.arange(len(names) + 1))
     ordered = scores[original]
-    rows = [_class_row(c, names[c], quotas[c], candidates[c], counts[c], copies[c],
+    rows = [_class_row(c, names[c], quotas[c], stats["candidates"][c], counts[c], copies[c],
                        ordered[bounds[c]:bounds[c + 1]]) for c in range(len(names))]
-    keys = table.filter(pa.array(original)).column("key")
-    per_key = pc.value_counts(keys).field("counts").to_numpy() if len(keys) else np.zeros(0, np.int64)
     short = [r["class"] for r in rows if r["short"]]
     summary = {"rows": table.num_rows, "originals": int(original.sum()), "copies": int((~original).sum()),
-               "unique_images": int(len(per_key)), "multi_label_images": int((per_key > 1).sum()),
-               "max_labels_per_image": int(per_key.max()) if len(per_key) else 0,
+               **{k: stats[k] for k in ("unique_images", "multi_label_images", "max_labels_per_image")},
                "quota_total": int(sum(quotas)), "classes_short": short, "num_classes_short": len(short),
                "policy": params["policy"], "top_p": params["top_p"], "min_score": params["min_score"],
                "temperature": params["temperature"], "per_class": rows}

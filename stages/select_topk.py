@@ -3,9 +3,9 @@
 ``ClassTopK`` keeps, for every class l, a running admission threshold ``thr[l]``: once the class holds its
 quota K_l, a new candidate can only enter if its score is >= the K_l-th best score seen so far. Candidates
 that pass are appended to a buffer; when the buffer exceeds ``cap`` rows it is compacted back to at most
-K_l rows per class. Compaction sorts the buffer's (label, score) composite values (no argsort), reads off
-each class's K_l-th score s*, keeps every row above s* and breaks ties at s* by key ascending (the few
-rows in such a tie are the only ones whose keys are compared). Thresholds only ever rise, so the final
+K_l rows per class. Compaction groups rows by label (radix sort), finds each class's K_l-th score s* with
+``np.partition``, keeps every row above s* and breaks ties at s* by key ascending (the few rows in such
+a tie are the only ones whose keys are compared). Thresholds only ever rise, so the final
 rows are exactly those of a full sort of all candidates by (label, score desc, key asc).
 """
 
@@ -73,7 +73,7 @@ class ClassTopK:
         labels, scores = labels[keep], scores[keep]
         payload = payload.take(pa.array(keep))
         full = ~np.isnan(kth)
-        self.thr[full] = np.maximum(self.thr[full], kth[full].astype(np.float32))
+        self.thr[full] = np.maximum(self.thr[full], kth[full])
         self._labels, self._scores, self._payload = [labels], [scores], [payload]
         self._rows = len(labels)
         self.compactions += 1
@@ -83,29 +83,40 @@ class ClassTopK:
             return np.empty(0, np.int32), np.empty(0, np.float32), pa.table({"key": pa.array([], pa.string())})
         labels = np.concatenate(self._labels)
         scores = np.concatenate(self._scores)
-        payload = pa.concat_tables(self._payload)
+        payload = pa.concat_tables(self._payload).combine_chunks()
         return labels, scores, payload
 
     def result(self) -> pa.Table:
         """The exact top rows as a table with ``label``, ``score`` and the payload, in ``SORT_ORDER``."""
         self.compact()
         labels, scores, payload = self._concat()
-        order = sorted_order(labels, scores, payload.column("key"))
+        order = sorted_order(labels, scores, payload.column("key"), len(self.quotas))
         table = payload.take(pa.array(order))
         table = table.append_column("label", pa.array(labels[order], pa.int32()))
         return table.append_column("score", pa.array(scores[order], pa.float32()))
 
 
-def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Row order by (label asc, score desc, key asc): a numeric sort, then keys compared only within ties."""
-    comp = composite(labels, scores)
-    order = np.argsort(comp, kind="stable")
-    ordered = comp[order]
-    equal = ordered[1:] == ordered[:-1]
+def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row order grouping rows by label (a stable radix sort on 16-bit labels), rows per class, starts."""
+    small = labels.astype(np.uint16) if num_classes <= 65536 else labels
+    counts = np.bincount(labels, minlength=num_classes)
+    return np.argsort(small, kind="stable"), counts, np.cumsum(counts) - counts
+
+
+def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array,
+                 num_classes: int) -> np.ndarray:
+    """Row order by (label asc, score desc, key asc): numeric sorts per class, keys compared only in ties."""
+    order, counts, starts = group_by_label(labels, num_classes)
+    grouped = scores[order]
+    for cls in np.flatnonzero(counts > 1):
+        seg = slice(starts[cls], starts[cls] + counts[cls])
+        order[seg] = order[seg][np.argsort(-grouped[seg], kind="stable")]
+    comp = composite(labels[order], scores[order])
+    equal = comp[1:] == comp[:-1]
     if equal.any():
         tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])
         rows = order[tied]
-        sub = pa.table({"c": comp[rows], "k": pc.take(keys, pa.array(rows))})
+        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows))})
         order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending")]).to_numpy()]
     return order
 
@@ -114,43 +125,28 @@ def _exact_keep(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray,
                 quotas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the exact top K_l rows per class, and each full class's K_l-th score (NaN if not full).
 
-    Rows strictly above the K_l-th score s* are kept; rows equal to s* are kept by key ascending until the
-    class holds K_l rows.
+    Each full class's K_l-th largest score s* comes from ``np.partition`` of its rows; rows above s* are
+    kept, rows equal to s* are kept by key ascending until the class holds K_l rows.
     """
-    comp = composite(labels, scores)
-    ordered = np.sort(comp)
     num_classes = len(quotas)
-    starts = np.searchsorted(ordered, np.arange(num_classes, dtype=np.int64) << 32)
-    ends = np.append(starts[1:], len(ordered))
-    full = (ends - starts) > quotas
-    full &= quotas > 0
-    kth = np.full(num_classes, np.nan)
-    boundary = ordered[starts[full] + quotas[full] - 1]
-    kth[full] = (np.int64(0xFFFFFFFF) - (boundary & 0xFFFFFFFF)).astype(np.uint32).view(np.float32)
-    cut = np.full(num_classes, np.iinfo(np.int64).max, np.int64)  # rows with comp < cut[label] kept
-    cut[full] = boundary
-    cut[quotas <= 0] = np.iinfo(np.int64).min
-    keep = comp < cut[labels]
-    _break_ties(comp, ordered, starts, quotas, full, boundary, keys, keep)
-    keep_all = ~full & (quotas > 0)
-    keep |= keep_all[labels]
-    return np.flatnonzero(keep), kth
-
-
-def _break_ties(comp, ordered, starts, quotas, full, boundary, keys, keep) -> None:
-    """Admit rows equal to each full class's K_l-th composite, by key ascending, up to K_l rows."""
-    classes = np.flatnonzero(full)
-    room = np.zeros(len(quotas), np.int64)
-    room[classes] = quotas[classes] - (np.searchsorted(ordered, boundary, side="left") - starts[classes])
-    target = np.full(len(quotas), -1, np.int64)  # composites are never negative
-    target[classes] = boundary
-    labels = (comp >> 32).astype(np.int64)
-    tied = np.flatnonzero(comp == target[labels])
+    order, counts, starts = group_by_label(labels, num_classes)
+    full = (counts > quotas) & (quotas > 0)
+    kth = np.full(num_classes, np.nan, np.float32)
+    grouped = scores[order]
+    for cls in np.flatnonzero(full):
+        at = counts[cls] - quotas[cls]
+        kth[cls] = np.partition(grouped[starts[cls]:starts[cls] + counts[cls]], at)[at]
+    bound = kth[labels]
+    with np.errstate(invalid="ignore"):
+        above = scores > bound
+        keep = above | (~full & (quotas > 0))[labels]
+        tied = np.flatnonzero(scores == bound)
+    room = quotas - np.bincount(labels[above], minlength=num_classes)
     tied_labels = labels[tied]
-    counts = np.bincount(tied_labels, minlength=len(quotas))
-    fits = counts <= room
+    fits = np.bincount(tied_labels, minlength=num_classes) <= room
     keep[tied[fits[tied_labels]]] = True
     for cls in np.flatnonzero(~fits):
         rows = tied[tied_labels == cls]
-        order = pc.sort_indices(pc.take(keys, pa.array(rows))).to_numpy()
-        keep[rows[order[: room[cls]]]] = True
+        by_key = pc.sort_indices(pc.take(keys, pa.array(rows))).to_numpy()
+        keep[rows[by_key[: room[cls]]]] = True
+    return np.flatnonzero(keep), kth
