@@ -205,3 +205,26 @@ def _exclusion_table(keys: pa.Array, matrix: np.ndarray, contaminated: tuple, ke
         "similarity": pa.array(np.concatenate([match_sim[dirty], dup_sim]).astype(np.float32), pa.float32()),
     })
     return table.sort_by([("key", "ascending")])
+
+
+def check_exclusion_part(manifest, entry: dict, path: Path) -> list[str]:
+    """``kdpipe verify`` content check of an exclusion part: columns, types, reasons, unique sorted keys."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # a damaged file may raise anything from its reader
+        return [f"{path}: unreadable exclusion part ({type(exc).__name__}: {exc})"]
+    wanted = {"key": pa.string(), "reason": pa.string(), "matched_key": pa.string(), "similarity": pa.float32()}
+    problems = [f"{path}: column {name} missing or not {kind}" for name, kind in wanted.items()
+                if name not in table.column_names or table.schema.field(name).type != kind]
+    if problems:
+        return problems
+    if not pc.all(pc.is_in(table.column("reason"), value_set=pa.array(REASONS))).as_py() and table.num_rows:
+        problems.append(f"{path}: reason other than {', '.join(REASONS)}")
+    keys = table.column("key")
+    if table.num_rows and not table.sort_by([("key", "ascending")]).column("key").equals(keys):
+        problems.append(f"{path}: keys are not sorted")
+    if pc.count_distinct(keys).as_py() != table.num_rows:
+        problems.append(f"{path}: a key is excluded twice")
+    return problems

@@ -1,6 +1,7 @@
 """Dedup: planted near-duplicates and a planted contaminated image are found, nothing else; exclusion feeds select."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -71,3 +72,15 @@ def test_logits_without_embeddings_are_refused(tmp_path):
     plain = make_logits(tmp_path / "l", random_shards(np.random.default_rng(0), 1, 10, 3), topk=2)
     with pytest.raises(InputError, match="has no embedding column"):
         dedup(plain, tmp_path / "ex")
+
+
+def test_verify_check_of_exclusion_parts(planted, tmp_path):
+    from stages.dedup import check_exclusion_part
+
+    out, query, ref = planted
+    manifest = mf.load(dedup(query, tmp_path / "ex", reference=ref), kind="exclusion")
+    part = tmp_path / "ex/part-000000.parquet"
+    assert check_exclusion_part(manifest, manifest.files[0], part) == []
+    table = pq.read_table(part)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), tmp_path / "twice.parquet")
+    assert any("excluded twice" in p for p in check_exclusion_part(manifest, {}, tmp_path / "twice.parquet"))
