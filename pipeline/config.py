@@ -179,7 +179,7 @@ def _resolve_stage(name: str, body: dict, data: dict, outs: dict, where: str) ->
     sub = lambda value: _substitute(value, outs, refs, where)
     out = body.get("out", name)
     out = None if out is None else str(_absolute(sub(out), Path(data["run_dir"])))
-    mode = body.get("mode", DEFAULT_MODES.get(body["command"], "single"))
+    mode = body.get("mode") or DEFAULT_MODES.get(body["command"]) or ("array" if "array" in body else "single")
     stage = {
         "command": body["command"], "entry": body.get("entry", "pipeline"), "argv": [sub(v) for v in body.get("argv", []) if v is not None],
         "args": {k: ([sub(x) for x in v] if isinstance(v, list) else sub(v)) for k, v in body.get("args", {}).items()},

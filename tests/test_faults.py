@@ -78,7 +78,7 @@ def _logits_case() -> Case:
     from tests.test_logits_support import digits_data, train_card
 
     def setup(root: Path) -> dict:
-        return {"data": digits_data(root / "data", shard_size=60, samples=240),
+        return {"data": digits_data(root / "data", shard_size=20, samples=80),
                 "card": train_card(root / "teacher", None, steps=0)}
     run = lambda ctx, out: compute_logits(ctx["data"], ctx["card"], out, topk=3, temperature=2.0, num_workers=0,
                                           batch_size=32)
@@ -105,7 +105,6 @@ def _reshard_case() -> Case:
 
 
 CASES = {"ingest": _ingest_case, "logits": _logits_case, "reshard": _reshard_case}
-SLOW = {"logits", "reshard"}
 
 
 def _fork(fn: Callable[[], None], env: dict[str, str], timeout_s: float = 120) -> int:
@@ -141,8 +140,7 @@ def _keys_of(folder: Path, case: Case) -> list[str]:
     return [k for entry in manifest.files for k in case.keys(manifest.file_path(entry))]
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW else [])
-                                     for c in CASES])
+@pytest.mark.parametrize("command", list(CASES))
 def test_sigkill_at_seeded_points_then_rerun_is_byte_identical(command, tmp_path):
     case = CASES[command]()
     ctx = case.setup(tmp_path / "inputs")
