@@ -116,6 +116,8 @@ class Engine:
         if n < self.compute_batch:  # zero-pad: every forward has the same shape
             pad = pixels.new_zeros((self.compute_batch - n, *pixels.shape[1:]))
             pixels = torch.cat([pixels, pad])
+        if self.cuda and pixels.device.type == "cpu":
+            pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
         x = imaging.normalise(pixels.to(self.device, non_blocking=True), self.pp)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

@@ -108,7 +108,9 @@ def _run_batch(batch: list[tuple], engine: Engine, rows: PartRows, failures: dic
             good.append((key, pixels))
     if not good:
         return
-    out = engine.run(torch.stack([p.to(engine.device) for _, p in good]))
+    views = [p for _, p in good]
+    on_host = all(v.device.type == "cpu" for v in views)
+    out = engine.run(torch.stack(views if on_host else [v.to(engine.device) for v in views]))
     keys = [k for k, _ in good]
     bad = [keys[j] for j in np.flatnonzero(~out.finite)]
     if bad:
