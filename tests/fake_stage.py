@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import manifest as mf
 from pipeline.commands.common import add_task_args, resolve_task
-from pipeline.errors import KdpipeError
+from pipeline.errors import KdpipeError, PartFailed
 from pipeline.log import setup_logging
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
@@ -33,9 +33,11 @@ def count_members(path: Path) -> int:
         return len(tar.getmembers())
 
 
-def write_part(index: int, rows: int, sleep_s: float):
+def write_part(index: int, rows: int, sleep_s: float, fail: bool = False):
     """A writer of part ``index``: ``rows`` members ``p<index>-<j>.txt``, sleeping ``sleep_s`` in slices."""
     def write(tmp: Path) -> PartResult:
+        if fail:
+            raise PartFailed(f"part {index}: planted failure (--fail-part)", reason="planted")
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for j in range(rows):
                 data = f"part {index} row {j}\n".encode()
@@ -54,7 +56,8 @@ def run_slow(args) -> int:
     index, count = resolve_task(args)
     if not args.finalize:
         block = plan_block(index, count, args.parts)
-        produce = lambda i: store.commit(i, write_part(i, args.rows, args.sleep), task_info(index, count))
+        produce = lambda i: store.commit(i, write_part(i, args.rows, args.sleep, i in args.fail_part),
+                                              task_info(index, count))
         report = run_parts(store, block, produce, desc="fake", num_parts=args.parts)
         if report.exit_code or args.no_finalize:
             return report.exit_code
@@ -75,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--sleep", type=float, default=0.0, help="seconds per part")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--fail-part", type=int, action="append", default=[], help="this part always fails")
     add_task_args(p)
     p.set_defaults(func=run_slow)
     return parser
