@@ -41,6 +41,8 @@ def add_training_args(p: argparse.ArgumentParser, losses: bool = True, train_req
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--log-every", type=int, default=10, help="steps between logged losses (loss curve)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per process (0: torch's default; 1 on a shared, busy CPU)")
     g = p.add_argument_group("preprocessing (default: the --init card's, else suited to the bundled digits)")
     g.add_argument("--size", type=int, default=None, help="input size in pixels (default 28)")
     g.add_argument("--crop-fraction", type=float, default=None, help="centre view crop fraction (default 1.0)")
@@ -77,7 +79,7 @@ def config_from_args(args: argparse.Namespace, loss: str | None = None):
         residual=getattr(args, "residual", "exact"), seed=args.seed, num_workers=args.num_workers,
         shuffle_buffer=args.shuffle_buffer, checkpoint_every=args.checkpoint_every,
         preprocess=Preprocess(**{**pp.to_dict(), **overrides}), augment=augment, device=args.device,
-        log_every=args.log_every)
+        log_every=args.log_every, threads=args.threads)
 
 
 def register(sub) -> None:

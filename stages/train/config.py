@@ -15,7 +15,8 @@ DIGITS_PREPROCESS = Preprocess(size=28, crop_fraction=1.0)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every parameter that changes what training produces (plus ``device`` and ``log_every``, which do not).
+    """Every parameter that changes what training produces (plus ``device``, ``log_every`` and ``threads``:
+    CPU threads per process, 0 = torch's default; on a shared or oversubscribed CPU use 1).
 
     Defaults suit the bundled digits (8x8 scans rendered at 28 px, ``smallcnn``).
     """
@@ -39,6 +40,7 @@ class TrainConfig:
     augment: AugmentSpec | None = field(default_factory=AugmentSpec)
     device: str = "auto"
     log_every: int = 10
+    threads: int = 0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -50,15 +52,15 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.num_workers < 0 or self.checkpoint_every < 0:
-            raise ValueError("--num-workers and --checkpoint-every must be >= 0")
+        if self.num_workers < 0 or self.checkpoint_every < 0 or self.threads < 0:
+            raise ValueError("--num-workers, --checkpoint-every and --threads must be >= 0")
 
     def fingerprint_params(self) -> dict:
         """The parameters that change the trained weights (device and logging excluded)."""
         data = asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
-        data.pop("device")
-        data.pop("log_every")
+        for name in ("device", "log_every", "threads"):
+            data.pop(name)
         return data
 
 

@@ -82,6 +82,8 @@ def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init
     Returns:
         The card's manifest path (the same on every rank; rank 0 writes it).
     """
+    if config.threads:
+        torch.set_num_threads(config.threads)
     env = dd.setup(config.device)
     try:
         run = _start(env, [Path(p) for p in train], Path(out), config, init, teacher_logits, eval_data, resume,
