@@ -223,7 +223,7 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
     loader = make_loader(ShardBlock(_shard_refs(setup.data, todo), setup.preprocess, loader_batch,
                                     raw_jpeg=gpu_decode),
                          workers, prefetch)  # compute batches are pinned by the Engine
-    feed = PartFeed(loader, workers)
+    feed = PartFeed(loader, workers, todo)
     produce = lambda index: store.commit(index, _part_writer(setup, engine, feed, index), task)
     report = run_parts(store, todo, produce, max_attempts=max_attempts, retry_failed=True, desc="logits",
                        num_parts=len(setup.data.files))

@@ -158,20 +158,30 @@ def _identity(record: dict) -> dict:
 class PartFeed:
     """Hands the records of one part at a time to the caller, in the block's order.
 
-    Records of a later part that arrive early (a faster worker) are held back; at most a few loader batches.
+    Records of a later part that arrive early (a faster worker) are held back (at most a few loader batches);
+    records of a part skipped by the caller are dropped, so memory stays bounded by the loader's prefetch.
     """
 
-    def __init__(self, loader: DataLoader, num_workers: int):
+    def __init__(self, loader: DataLoader, num_workers: int, order: list[int]):
         self._loader, self._records = loader, None  # workers start on the first record asked for
         self._workers = max(1, num_workers)
+        self._order = {part: rank for rank, part in enumerate(order)}
         self._held: dict[int, deque] = {}
         self._done: set[int] = set()
+
+    def _skip_before(self, part: int) -> None:
+        """Parts before ``part`` in the block that nobody asked for (committed by another task meanwhile)."""
+        for other, rank in self._order.items():
+            if rank < self._order[part] and other not in self._done:
+                self._done.add(other)
+                self._held.pop(other, None)
 
     def records(self, part: int) -> Iterator[dict]:
         """Every record of ``part`` until each worker has sent its end-of-part record.
 
         A caller that stops early (an error) abandons the part: its later records are dropped.
         """
+        self._skip_before(part)
         ended = 0
         try:
             while ended < self._workers:

@@ -4,6 +4,10 @@ One row per sample (per view, once multi-view lands): ``key``, ``shard``, ``topk
 logit descending), ``topk_logit`` (raw logits z), ``lse`` = logsumexp(z / T) over all classes, optional
 ``embedding`` (L2-normalised float16). The softened probability of a stored class is exp(z/T - lse); the
 mass of the other classes is 1 - sum of those. Every reader of logits goes through this module.
+
+Multi-view logits (``--views V``, reserved) will add an int16 ``view`` column after ``shard`` (rows of one
+sample adjacent, views ascending) and bump ``SCHEMA_VERSION``; readers select columns by name, never by
+position, and today's files (one centre view, no ``view`` column) stay readable as view 0.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ class LogitsSet:
     temperature = property(lambda self: float(self.params["temperature"]))
     teacher_id = property(lambda self: self.params["teacher_id"])
     dataset_id = property(lambda self: self.params["dataset_id"])
+    logit_dtype = property(lambda self: self.params.get("logit_dtype", "float32"))
+    embedding_dim = property(lambda self: self.params.get("embedding_dim"))
+    views = property(lambda self: dict(self.params["views"]))
 
     @property
     def num_parts(self) -> int:
