@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--gpu-decode", action="store_true")
     args = parser.parse_args()
-    workers = default_workers() if args.workers is None else args.workers
     device = resolve_device(args.device)
+    workers = default_workers(device) if args.workers is None else args.workers
     print(f"load average before: {os.getloadavg()}, cores: {len(os.sched_getaffinity(0))}, "
           f"torch threads: {torch.get_num_threads()}, workers: {workers}, device: {device}")
     with tempfile.TemporaryDirectory() as tmp:

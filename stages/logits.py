@@ -71,7 +71,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
         num_tasks: the array's size; task i owns a contiguous block of shards.
         batch_size: the fixed compute batch (images per forward; fingerprinted: it can change CPU results).
         loader_batch: samples per DataLoader record (no effect on the output).
-        num_workers: DataLoader decode workers (default: ``default_workers()``; no effect on the output).
+        num_workers: DataLoader decode workers (default: ``default_workers(device)``; no effect on the output).
         prefetch: records each worker prepares ahead (no effect on the output).
         embeddings: also store L2-normalised penultimate features (float16), e.g. for dedup.
         logit_dtype: ``float16`` (default) or ``float32`` storage of the top-K logits.
@@ -171,12 +171,13 @@ def _embedding_dim(card: mf.Manifest) -> int:
     return int(classifier_head(build_model(card.params["arch"], int(card.params["num_classes"]))).in_features)
 
 
-def default_workers() -> int:
-    """Decode workers by default: one per 4 usable cores (at least 1); the rest run the forward."""
+def default_workers(device: torch.device | None = None) -> int:
+    """Decode workers by default: on CPU one per 4 usable cores (the rest run the forward), on CUDA all
+    usable cores but two (the GPU waits on decoding); at least 1."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // 4)
+    return max(1, cores - 2 if device is not None and device.type == "cuda" else cores // 4)
 
 
 def _shard_refs(data: mf.Manifest, indices: list[int]) -> list[ShardRef]:
@@ -216,7 +217,7 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
     if recheck:
         engine = _engine(setup)
         todo = sorted(todo + _recoverable_parts(setup, store, recheck, engine))
-    workers = default_workers() if num_workers is None else int(num_workers)
+    workers = default_workers(setup.device) if num_workers is None else int(num_workers)
     if todo and engine is None:
         engine = _engine(setup)
     gpu_decode = setup.params["compute"]["decode"] == "gpu-jpeg"
@@ -267,7 +268,8 @@ def _part_writer(setup: Setup, engine: Engine, feed: PartFeed, index: int):
             raise IntegrityError(f"{entry['path']}: {rows} rows + {accounted - rows} failures != "
                                  f"{entry['samples']} samples in {setup.data.path}; nothing was published")
         return PartResult(expected_rows=rows, failures=failures,
-                          input={"shard": index, "path": entry["path"], "sha256": entry["sha256"], "samples": entry["samples"]})
+                          input={"shard": index, "path": entry["path"], "sha256": entry["sha256"],
+                                 "samples": entry["samples"]})
     return write
 
 

@@ -23,7 +23,8 @@ KILLED_RUN = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, pixels)
     inference.Engine.run = run
-    compute_logits(sys.argv[1], sys.argv[2], sys.argv[3], topk=5, temperature=3.0, num_workers=1, loader_batch=8, batch_size=16)
+    compute_logits(sys.argv[1], sys.argv[2], sys.argv[3], topk=5, temperature=3.0, num_workers=1, loader_batch=8,
+                   batch_size=16)
 """)
 
 

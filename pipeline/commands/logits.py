@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per forward pass (fixed; part of the fingerprint: CPU results can depend on it)")
     p.add_argument("--loader-batch", type=int, default=32, help="images per DataLoader record (no effect on output)")
-    p.add_argument("--num-workers", type=int, default=None, help="decode workers (default: cores/4, at least 1)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="decode workers (default: cores/4 on CPU, cores-2 on CUDA; at least 1)")
     p.add_argument("--prefetch", type=int, default=2, help="records prepared ahead per worker")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher (CUDA)")
