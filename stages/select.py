@@ -163,10 +163,12 @@ def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion
 def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None, block: range,
               batch_rows: int) -> PartResult:
     """Stream logits parts ``block`` and write their exact per-class candidates to ``tmp``."""
-    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score)
-    scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
     columns = payload_columns(spec.soft_targets)
-    views = logits_set.num_parts > 0 and "view" in pq.read_schema(logits_set.part_path(0)).names
+    schema = pq.read_schema(logits_set.part_path(0))
+    payload = pa.schema([schema.field(c) for c in columns] + [pa.field(ROW_ID, pa.int64())])
+    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
+    scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
+    views = "view" in schema.names
     read = ["key", "shard", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     images = excluded = 0
     for part in block:
@@ -243,8 +245,10 @@ def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: i
     """The exact top rows over all map parts (one map part is already exact and sorted)."""
     if num_tasks == 1:
         return pq.read_table(maps.part_path(0))
-    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score)
     columns = payload_columns(spec.soft_targets) + [ROW_ID]
+    schema = pq.read_schema(maps.part_path(0))
+    payload = pa.schema([schema.field(c) for c in columns])
+    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
     for index in range(num_tasks):
         for batch in pq.ParquetFile(maps.part_path(index)).iter_batches(batch_size=batch_rows):
             labels = batch.column("label").to_numpy()

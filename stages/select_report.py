@@ -122,7 +122,7 @@ def _counts_png(rows: list[dict]) -> bytes:
     ax.stairs(selected, edges, fill=True, color="tab:blue", label="selected")
     ax.stairs(selected + np.array([r["copies"] for r in rows]), edges, baseline=selected, fill=True,
               color="tab:orange", label="balance copies")
-    ax.stairs([r["quota"] for r in rows], edges, color="black", label="quota")
+    ax.stairs([r["quota"] for r in rows], edges, color="red", linewidth=1.5, zorder=3, label="quota")
     if len(rows) <= 40:
         ax.set_xticks(np.arange(len(rows)), [r["class"] for r in rows], rotation=90, fontsize=7)
     ax.set_xlabel("class")

@@ -31,9 +31,12 @@ class ClassTopK:
         quotas: K_l per class (int array of length C); 0 admits nothing for that class.
         floor: the minimum score admitted (``--min-score``); thresholds never go below it.
         cap: compact when the buffer holds more rows than this (default 2 x sum K_l, at least 65536).
+        schema: the payload's schema (for an empty result); default a lone ``key`` column.
     """
 
-    def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None):
+    def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None,
+                 schema: pa.Schema | None = None):
+        self.schema = schema or pa.schema([pa.field("key", pa.string())])
         self.quotas = np.asarray(quotas, dtype=np.int64)
         self.floor = np.float32(floor)
         self.thr = np.where(self.quotas > 0, self.floor, np.float32(np.inf)).astype(np.float32)
@@ -80,7 +83,7 @@ class ClassTopK:
 
     def _concat(self) -> tuple[np.ndarray, np.ndarray, pa.Table]:
         if not self._labels:
-            return np.empty(0, np.int32), np.empty(0, np.float32), pa.table({"key": pa.array([], pa.string())})
+            return np.empty(0, np.int32), np.empty(0, np.float32), self.schema.empty_table()
         labels = np.concatenate(self._labels)
         scores = np.concatenate(self._scores)
         payload = pa.concat_tables(self._payload).combine_chunks()

@@ -249,3 +249,10 @@ def test_gallery_through_the_lineage(tmp_path):
     assert gallery == [f"class-{c:05d}.png" for c in range(10)]
     report = mf.load(tmp_path / "s/report", kind="report")
     assert "gallery/class-00003.png" in [f["path"] for f in report.files]
+
+
+def test_nothing_selected_gives_a_valid_empty_artifact(tied, tmp_path):
+    manifest = select(tied, tmp_path / "s", per_class=0, top_p=2, soft_targets=True, gallery=0)
+    table = pq.read_table(tmp_path / "s/part-000000.parquet")
+    assert table.num_rows == 0 and table.schema.field("topk_index").type == pa.list_(pa.int16(), 4)
+    assert mf.load(manifest).totals["rows"] == 0 and main(["verify", str(manifest)]) == 0
