@@ -102,6 +102,11 @@ def test_refused_inputs_name_what_to_change(data, tmp_path):
     with pytest.raises(FingerprintMismatch, match="other inputs or parameters"):
         train([other["labeled"]], tmp_path / "b", _config(epochs=1, lr=0.5), resume=True)
     assert first.name == "manifest.json"
+    from safetensors.torch import save_file
+    from stages.models import build_model
+    save_file(build_model("smallcnn", 3).state_dict(), str(tmp_path / "three.safetensors"))
+    with pytest.raises(InputError, match="do not fit this model .*fc.weight"):
+        train([other["labeled"]], tmp_path / "c", _config(epochs=1), init=tmp_path / "three.safetensors")
 
 
 def _cli(out: Path, data, extra=()) -> list[str]:
