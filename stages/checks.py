@@ -10,6 +10,7 @@ record batches (memory bounded by the batch, plus the part's keys for the duplic
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,10 @@ def check_logits_part(manifest: mf.Manifest, entry: dict, where: Path) -> list[s
     problems = _schema_problems(where, handle, params) + _meta_problems(where, handle, params)
     if problems:
         return problems
-    shard = manifest.files.index(entry)
+    match = re.fullmatch(r"part-(\d+)\.parquet", Path(entry["path"]).name)
+    if match is None:
+        return [f"{where}: not named part-NNNNNN.parquet (part i holds dataset shard i)"]
+    shard = int(match.group(1))
     try:
         problems = _row_problems(where, handle, params, shard)
     except Exception as exc:  # damaged pages raise from the reader
