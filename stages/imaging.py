@@ -74,7 +74,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            _check_header(img, max_pixels)
+            check_header(img, max_pixels)
             img.load()
     except SampleError:
         raise
@@ -85,7 +85,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return to_rgb(img)
 
 
-def _check_header(img: Image.Image, max_pixels: int) -> None:
+def check_header(img: Image.Image, max_pixels: int) -> None:
+    """Refuse a format outside the allowlist, an empty size, or more pixels than ``max_pixels`` (before decoding)."""
     if img.format not in ALLOWED_FORMATS:
         raise SampleError("format_not_allowed", f"format {img.format} is not in {ALLOWED_FORMATS}")
     width, height = img.size

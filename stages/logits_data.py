@@ -100,7 +100,7 @@ def check_header(data: bytes, max_pixels: int) -> None:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            imaging._check_header(img, max_pixels)  # the policy's own header rule
+            imaging.check_header(img, max_pixels)  # the policy's own header rule
     except imaging.SampleError:
         raise
     except Exception as exc:  # Pillow raises many types for bad bytes
