@@ -101,26 +101,12 @@ def _start(env, train, out, config, init, teacher_logits, eval_data, resume, kin
     inputs = load_inputs(train, teacher_logits, config)
     plan = make_plan(inputs, config, env.world)
     _verify(plan, env)
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, len(inputs.class_names))
-    lineage = list(inputs.lineage)
-    init_id = None
-    if init is not None:
-        init_card, init_id = load_initial(model, init)
-        lineage += [(init_card, "init")] if init_card is not None else []
+    model, lineage, init_id = _model(config, inputs, env, init)
     eval_manifest = mf.load(eval_data, kind="dataset") if eval_data is not None else None
     lineage += [(eval_manifest, "eval")] if eval_manifest is not None else []
-    model = model.to(env.device)
-    if env.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.world > 1 else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
-                                weight_decay=config.weight_decay)
-    steps = config.epochs * plan.steps_per_epoch
-    warmup = round(config.warmup_epochs * plan.steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, total_steps=steps, warmup_steps=warmup))
+    optimizer, scheduler = _optimizer(model, config, plan)
     fp = sha256_json({"code": CODE_VERSION, "config": config.fingerprint_params(), "kind": kind,
                       "train": [m.id for m in inputs.manifests], "logits": [_id(p) for p in inputs.logits],
                       "init": init_id, "world": env.world})
@@ -131,6 +117,30 @@ def _start(env, train, out, config, init, teacher_logits, eval_data, resume, kin
              config.arch, len(plan.shards), plan.total_samples, env.world, plan.steps_per_epoch, config.epochs,
              config.loss)
     return run
+
+
+def _model(config: TrainConfig, inputs: TrainInputs, env: dd.DistEnv, init) -> tuple:
+    """The model (seeded init, or ``init``'s weights) on the device; the lineage so far; init's identity."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, len(inputs.class_names))
+    lineage, init_id = list(inputs.lineage), None
+    if init is not None:
+        init_card, init_id = load_initial(model, init)
+        lineage += [(init_card, "init")] if init_card is not None else []
+    model = model.to(env.device)
+    if env.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, lineage, init_id
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig, plan: DataPlan) -> tuple:
+    """SGD with Nesterov momentum; linear warm-up then cosine decay over all steps of the run."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                                weight_decay=config.weight_decay)
+    steps = config.epochs * plan.steps_per_epoch
+    warmup = round(config.warmup_epochs * plan.steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, total_steps=steps, warmup_steps=warmup))
 
 
 def _id(logits_path: str | None) -> str | None:
