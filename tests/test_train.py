@@ -15,11 +15,12 @@ import pytest
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import FingerprintMismatch, InputError
+from stages.shardio import ShardStats, read_shard
 from stages.teacher_card import load_classifier
 from stages.train.config import TrainConfig
 from stages.train.loop import train
 from tests.factories import make_logits
-from tests.test_train_data import digits, read_all, soft_shards
+from tests.test_train_data import digits, soft_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_fine_tuning_from_a_model_folder_keeps_distilling_with_joined_teacher_lo
     rng = np.random.default_rng(0)
     shards = []
     for entry in labeled.files:
-        samples = read_all_entry(labeled, entry)
+        samples = list(read_shard(labeled.file_path(entry), ShardStats("x")))
         labels = np.array([int(f["cls"]) for _, f in samples])
         shards.append(([k for k, _ in samples], rng.normal(size=(len(samples), 10)) + 4 * np.eye(10)[labels]))
     logits = make_logits(tmp_path / "logits", shards, topk=3, temperature=2.0, dataset_id=labeled.id)
@@ -81,11 +82,6 @@ def test_fine_tuning_from_a_model_folder_keeps_distilling_with_joined_teacher_lo
     roles = {i["role"]: i["id"] for i in manifest.inputs}
     assert roles["init"] == mf.load(pre).id and roles["teacher_logits"] == mf.load(logits).id
     assert manifest.params["metrics"]["top1"] > 0.5
-
-
-def read_all_entry(manifest, entry):
-    from stages.shardio import ShardStats, read_shard
-    return list(read_shard(manifest.file_path(entry), ShardStats("x")))
 
 
 def test_refused_inputs_name_what_to_change(data, tmp_path):

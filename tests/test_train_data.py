@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 
 from pipeline import manifest as mf
-from pipeline.errors import InputError, IntegrityError
+from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.tasks import failure_totals, file_entries, finalize, run_parts
-from stages.imaging import Preprocess
 from stages.ingest import ingest
 from stages.shardio import ShardStats, count_samples, read_shard, write_shard
 from stages.train.augment import AugmentSpec, draw_view, view_rng
 from stages.train.config import TrainConfig
-from stages.train.data import DataPlan, EpochBatches, check_shard_count, make_loader, shards_for, verify_shards
+from stages.train.data import DataPlan, check_shard_count, make_loader, shards_for, verify_shards
 from stages.train.inputs import load_inputs, make_plan
 
 NAMES = [str(d) for d in range(10)]
@@ -85,7 +84,7 @@ def soft_data(tmp_path_factory):
 
 def _plan(manifest, **kw) -> DataPlan:
     config = TrainConfig(loss=kw.pop("loss", "mix"), batch_size=kw.pop("batch_size", 8), **kw)
-    return make_plan(load_inputs([manifest], None, config), config, world=kw.get("world", 1))
+    return make_plan(load_inputs([manifest], None, config), config, world=1)
 
 
 def test_every_shard_goes_to_exactly_one_rank_and_stream_and_the_order_changes_by_epoch():

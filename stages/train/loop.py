@@ -58,10 +58,6 @@ class Run:
     eval_data: mf.Manifest | None
     state: dict = field(default_factory=dict)
 
-    @property
-    def total_steps(self) -> int:
-        return self.config.epochs * self.plan.steps_per_epoch
-
 
 def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init: str | Path | None = None,
           teacher_logits: list[str | Path] | None = None, eval_data: str | Path | None = None,
