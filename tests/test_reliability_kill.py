@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,54 +26,19 @@ from pipeline import manifest as mf
 from pipeline.atomic import TEMP_PREFIX, temp_path_for
 from pipeline.hashing import sha256_file
 from pipeline.signals import FAULT_ENV
-from stages.logits import compute_logits
 from stages.logits_reader import open_logits
-from stages.reshard import iter_training_samples, reshard
+from stages.reshard import iter_training_samples
 from stages.reshard_plan import sample_key
-from stages.select import select
 from stages.shardio import ShardStats, read_shard
 from tests.test_faults import _fork
-from tests.test_logits_support import digits_data, train_card
+from tests.test_reliability_support import RUNS, Chain, clean_chain
 
 POINTS = ("before_any_write", "mid_part_write", "after_rename_before_receipt", "during_finalize")
 
 
-@dataclass
-class Chain:
-    """Inputs and clean outputs of the real chain: 80 digits in 4 shards, a seeded smallcnn teacher."""
-
-    data: Path
-    card: Path
-    logits: Path
-    select: Path
-    reshard: Path
-
-
-def run_logits(chain: Chain, out: Path):
-    return compute_logits(chain.data, chain.card, out, topk=3, temperature=2.0, num_workers=0, batch_size=32)
-
-
-def run_select(chain: Chain, out: Path):
-    return select(chain.logits, out, per_class=5, top_p=2, soft_targets=True)
-
-
-def run_reshard(chain: Chain, out: Path):
-    return reshard(chain.select, out, shard_size=5)
-
-
-RUNS = {"logits": run_logits, "select": run_select, "reshard": run_reshard}
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Chain:
-    root = tmp_path_factory.mktemp("chain")
-    data = digits_data(root / "data", shard_size=20, samples=80)
-    card = train_card(root / "teacher", data, steps=25)
-    made = Chain(data, card, root / "logits", root / "select", root / "reshard")
-    for stage, run in RUNS.items():
-        assert _fork(lambda: run(made, getattr(made, stage)), {}) == 0
-    assert len(mf.load(made.reshard).files) >= 3
-    return made
+    return clean_chain(tmp_path_factory)
 
 
 # --- kill devices, installed in the forked child only ----------------------------------------------------------
