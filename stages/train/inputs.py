@@ -42,6 +42,8 @@ def load_inputs(train: list[str | Path], teacher_logits: list[str | Path] | None
     if teacher_logits and len(teacher_logits) != len(manifests):
         raise InputError(f"--teacher-logits: give one logits manifest per --train manifest "
                          f"({len(teacher_logits)} for {len(manifests)})")
+    if teacher_logits and config.loss == "hard":
+        raise InputError("--teacher-logits is used by --loss soft or mix only; drop it or change the loss")
     names = _class_names(manifests)
     lineage = [(m, "train") for m in manifests]
     logits_paths: list[str | None] = [None] * len(manifests)
