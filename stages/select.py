@@ -174,16 +174,8 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     for part in block:
         offset = 0
         for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
-            dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
-            excluded += 0 if dropped is None else int(dropped.sum())
-            if views:  # multi-view logits: an image is ranked by its centre view (view 0) only
-                other = batch.column("view").to_numpy() != 0
-                dropped = other if dropped is None else (dropped | other)
-            labels, scores, rows = scorer(batch, acc.thr, dropped)
-            payload = pa.Table.from_batches([batch.select(columns).take(pa.array(rows))])
-            acc.add(labels, scores, payload.append_column(ROW_ID, pa.array((part << 32) + offset + rows)))
-            images += int((~other).sum()) if views else batch.num_rows
-            offset += batch.num_rows
+            seen, dropped = _offer(acc, scorer, batch, (part << 32) + offset, columns, exclusion, views)
+            images, excluded, offset = images + seen, excluded + dropped, offset + batch.num_rows
     table = acc.result()
     write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
@@ -191,6 +183,22 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}
     return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
                       extra=extra)
+
+
+def _offer(acc: ClassTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, columns: list[str],
+           exclusion: Exclusion | None, views: bool) -> tuple[int, int]:
+    """Offer one logits batch's candidates to ``acc``; return (images seen, images excluded)."""
+    dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
+    excluded = 0 if dropped is None else int(dropped.sum())
+    seen = batch.num_rows
+    if views:  # multi-view logits: an image is ranked by its centre view (view 0) only
+        other = batch.column("view").to_numpy() != 0
+        dropped = other if dropped is None else (dropped | other)
+        seen = int((~other).sum())
+    labels, scores, rows = scorer(batch, acc.thr, dropped)
+    payload = pa.Table.from_batches([batch.select(columns).take(pa.array(rows))])
+    acc.add(labels, scores, payload.append_column(ROW_ID, pa.array(first_id + rows)))
+    return seen, excluded
 
 
 def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None,

@@ -3,6 +3,7 @@
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -256,3 +257,23 @@ def test_nothing_selected_gives_a_valid_empty_artifact(tied, tmp_path):
     table = pq.read_table(tmp_path / "s/part-000000.parquet")
     assert table.num_rows == 0 and table.schema.field("topk_index").type == pa.list_(pa.int16(), 4)
     assert mf.load(manifest).totals["rows"] == 0 and main(["verify", str(manifest)]) == 0
+
+
+def test_multi_view_logits_are_ranked_by_the_centre_view(tied, tmp_path):
+    """Each key gets a second row (view 1, another image's predictions): the selection must not change."""
+    shutil.copytree(Path(tied).parent, tmp_path / "mv")
+    data = json.loads((tmp_path / "mv/manifest.json").read_text())
+    for entry in data["files"]:
+        path = tmp_path / "mv" / entry["path"]
+        table = pq.read_table(path)
+        other = table.take(pa.array(np.arange(table.num_rows)[::-1]))
+        both = pa.concat_tables([table, other.set_column(0, table.schema.field("key"), table.column("key"))])
+        order = np.argsort(np.r_[np.arange(table.num_rows) * 2, np.arange(table.num_rows) * 2 + 1])
+        both = both.append_column("view", pa.array(np.r_[np.zeros(table.num_rows), np.ones(table.num_rows)],
+                                                   pa.int16())).take(pa.array(order))
+        pq.write_table(both, path)
+        entry.update(rows=both.num_rows, bytes=path.stat().st_size, sha256=sha256_file(path))
+    data["id"] = mf.content_id(data)
+    (tmp_path / "mv/manifest.json").write_text(json.dumps(data))
+    select(tmp_path / "mv", tmp_path / "s", per_class=11, top_p=2, gallery=0)
+    assert selected(tmp_path / "s") == rounded(brute_force(tied, 11, 2))
