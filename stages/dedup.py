@@ -166,6 +166,20 @@ def near_pairs(matrix: np.ndarray, threshold: float, neighbors: int,
     return tuple(np.concatenate(parts) for parts in zip(*found))
 
 
+def components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Connected components of the undirected graph on n nodes with edges (rows, cols): the smallest node
+    index of each node's component (min-label propagation with pointer jumping)."""
+    label = np.arange(n)
+    while True:
+        before = label.copy()
+        low = np.minimum(label[rows], label[cols])
+        np.minimum.at(label, rows, low)
+        np.minimum.at(label, cols, low)
+        label = label[label]
+        if np.array_equal(label, before):
+            return label
+
+
 def group_keep(n: int, rows: np.ndarray, cols: np.ndarray, keys: pa.Array,
                contaminated: np.ndarray) -> np.ndarray:
     """For each query row in a near-duplicate group: the row kept for its group (-1 when not grouped).
@@ -173,14 +187,10 @@ def group_keep(n: int, rows: np.ndarray, cols: np.ndarray, keys: pa.Array,
     The kept row is the group's smallest key that is not contaminated (-1 for a group of only
     contaminated rows).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     kept_of = np.full(n, -1, np.int64)
     if len(rows) == 0:
         return kept_of
-    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, cols)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
+    component = components(n, rows, cols)
     members = np.flatnonzero(np.bincount(component, minlength=n)[component] > 1)
     order = pc.sort_indices(pa.table({"c": component[members], "x": contaminated[members],
                                       "k": keys.take(pa.array(members))}),

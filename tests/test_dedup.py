@@ -84,3 +84,10 @@ def test_verify_check_of_exclusion_parts(planted, tmp_path):
     table = pq.read_table(part)
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), tmp_path / "twice.parquet")
     assert any("excluded twice" in p for p in check_exclusion_part(manifest, {}, tmp_path / "twice.parquet"))
+
+
+def test_components_of_chains_and_pairs():
+    from stages.dedup import components
+
+    rows, cols = np.array([5, 3, 1, 8]), np.array([4, 4, 5, 9])   # 1-5-4-3 chain, 8-9 pair
+    assert components(10, rows, cols).tolist() == [0, 1, 2, 1, 1, 1, 6, 7, 8, 8]
