@@ -116,4 +116,12 @@ def _key_problems(keys: list, seen: set[str]) -> list[str]:
     return problems[:3]
 
 
-CHECKS = {"logits": check_logits_part}
+def _all_checks() -> dict:
+    """Checks of every kind; imported here so that ``kdpipe verify`` is the only place that needs them all."""
+    from stages.dedup import check_exclusion_part
+    from stages.select_output import check_selection_part
+
+    return {"logits": check_logits_part, "selection": check_selection_part, "exclusion": check_exclusion_part}
+
+
+CHECKS = _all_checks()
