@@ -17,7 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
+from stages.dedup import check_exclusion_part
 from stages.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, index_type, read_metadata
+from stages.select_output import check_selection_part
 
 _BATCH_ROWS = 65536
 _AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
@@ -116,12 +118,4 @@ def _key_problems(keys: list, seen: set[str]) -> list[str]:
     return problems[:3]
 
 
-def _all_checks() -> dict:
-    """Checks of every kind; imported here so that ``kdpipe verify`` is the only place that needs them all."""
-    from stages.dedup import check_exclusion_part
-    from stages.select_output import check_selection_part
-
-    return {"logits": check_logits_part, "selection": check_selection_part, "exclusion": check_exclusion_part}
-
-
-CHECKS = _all_checks()
+CHECKS = {"logits": check_logits_part, "selection": check_selection_part, "exclusion": check_exclusion_part}
