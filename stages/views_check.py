@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import manifest as mf
-from pipeline.errors import InputError, ManifestError
+from pipeline.errors import InputError, IntegrityError, ManifestError
 from stages.imaging import Preprocess, decode, find_image, normalise
 from stages.logits_format import fixed_list_to_numpy
 from stages.logits_reader import LogitsSet, open_logits
@@ -125,6 +125,9 @@ def _shard_images(dataset: mf.Manifest, shard: int, table, shard_keys: list[str]
 def _check_rows(table, images, spec, shard_keys, pp, model, logits_set, report, ulps, batch_size, device) -> None:
     """Render the rows' views, run the teacher in batches, compare each row."""
     keys = table.column("key").to_pylist()
+    if spec is not None and not is_multiview(table.schema):
+        raise IntegrityError(f"{logits_set.manifest.path}: params.views says {spec.views} views but a part "
+                             "has no view columns; the artifact is not a multi-view one")
     stored = _stored(table, logits_set)
     views = views_from_table(table) if is_multiview(table.schema) else [None] * len(keys)
     dtype = _DTYPES[logits_set.params.get("logit_dtype", "float32")]
