@@ -3,7 +3,11 @@
 This is the one way other stages (select, dedup, reshard, evaluate) and users read logits. Every part is
 checked against the manifest before its rows are used: sha256 and size, and the Parquet metadata
 (schema version, temperature, top-K, number of classes, teacher and dataset ids) equal to the manifest's.
-Reading streams record batches, so memory is bounded by ``batch_rows``, never by the artifact's size.
+Rows are checked as they are read (vectorised, a few percent of a read): class ids in [0, C), top-K logits
+finite and sorted descending, keys unique within the part (per view for multi-view parts); a part that breaks
+them was written wrong by its producer and is refused with ``IntegrityError`` naming the file and the row.
+Reading streams record batches, so memory is bounded by ``batch_rows`` (plus one part's keys), never by the
+artifact's size.
 """
 
 from __future__ import annotations
@@ -12,16 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
 from pipeline.hashing import sha256_file
-from stages.logits_format import SCHEMA_VERSION, read_metadata
+from stages.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, read_metadata
 
 # Parquet metadata keys that must equal the manifest's params in every part.
 _AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
+_CHECKED = ("key", "topk_index", "topk_logit")  # read with every request so that rows can be checked
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,70 @@ class LogitsSet:
 
     def iter_batches(self, columns: list[str] | None = None, batch_rows: int = 65536,
                      parts: Iterable[int] | None = None, verify: bool = True) -> Iterator[pa.RecordBatch]:
-        """Stream record batches of the given ``parts`` (default: all, in order)."""
+        """Stream record batches of the given ``parts`` (default: all, in order), rows checked."""
         for index in range(self.num_parts) if parts is None else parts:
             handle = self.open_part(index, verify=verify)
-            yield from handle.iter_batches(batch_size=batch_rows, columns=columns)
+            wanted, read = _columns(handle.schema_arrow.names, columns)
+            keys = []
+            for batch in handle.iter_batches(batch_size=batch_rows, columns=read):
+                keys.append(check_rows(self.part_path(index), batch, self.num_classes, self.topk))
+                yield batch.select(wanted)
+            check_unique_keys(self.part_path(index), keys)
 
     def read_part(self, index: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
-        """One whole part as a table (a part is bounded by its shard's size)."""
-        return self.open_part(index, verify=verify).read(columns=columns)
+        """One whole part as a table (a part is bounded by its shard's size), rows checked."""
+        handle = self.open_part(index, verify=verify)
+        wanted, read = _columns(handle.schema_arrow.names, columns)
+        table = handle.read(columns=read)
+        path = self.part_path(index)
+        check_unique_keys(path, [check_rows(path, table, self.num_classes, self.topk)])
+        return table.select(wanted)
+
+
+def _columns(names: list[str], columns: list[str] | None) -> tuple[list[str], list[str]]:
+    """The columns asked for, and those to read (plus what the row checks need)."""
+    wanted = list(names if columns is None else columns)
+    extra = [c for c in (*_CHECKED, "view") if c in names and c not in wanted]
+    return wanted, wanted + extra
+
+
+def check_rows(path: Path, rows: pa.RecordBatch | pa.Table, num_classes: int, topk: int) -> pa.Array:
+    """Raise ``IntegrityError`` for class ids outside [0, C) or top-K logits not finite and descending.
+
+    Returns:
+        The keys that must be unique within the part (view-0 rows of a multi-view part).
+    """
+    index = fixed_list_to_numpy(rows.column("topk_index"), topk)
+    logit = fixed_list_to_numpy(rows.column("topk_logit"), topk).astype(np.float32)
+    bad = ((index < 0) | (index >= num_classes)).any(axis=1)
+    _refuse_rows(path, rows, bad, f"class ids outside [0, {num_classes})")
+    bad = (np.diff(logit, axis=1) > 0).any(axis=1) | ~np.isfinite(logit).all(axis=1)
+    _refuse_rows(path, rows, bad, "top-K logits not finite or not sorted descending")
+    keys = rows.column("key")
+    if "view" in rows.schema.names:
+        keys = keys.filter(pc.equal(rows.column("view"), 0))
+    return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def _refuse_rows(path: Path, rows, bad: np.ndarray, what: str) -> None:
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise IntegrityError(f"{path}: {int(bad.sum())} row(s) with {what}, e.g. key "
+                             f"{rows.column('key')[first].as_py()!r}; the part was written wrong: recompute it "
+                             "(`kdpipe verify` lists every damaged part)")
+
+
+def check_unique_keys(path: Path, keys: list[pa.Array]) -> None:
+    """Raise ``IntegrityError`` naming a key that appears twice (or is null) in one part."""
+    if not keys:
+        return
+    column = pa.chunked_array(keys, pa.string())
+    if column.null_count or pc.count_distinct(column).as_py() != len(column):
+        counts = pc.value_counts(column)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))
+        name = dup[0]["values"].as_py() if len(dup) else None
+        raise IntegrityError(f"{path}: key {name!r} appears more than once (or is null); keys are unique within "
+                             "a part: recompute it (`kdpipe verify` lists every damaged part)")
 
 
 def open_logits(path: str | Path) -> LogitsSet:
