@@ -122,7 +122,12 @@ def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dic
             return target
         raise ManifestError(f"{target} exists with another id ({existing.id[:12]} vs {data['id'][:12]}); "
                             "write to a new --out folder")
-    return mf.write(data, store.out_dir)
+    try:
+        return mf.write(data, store.out_dir)
+    except ManifestError:
+        if target.exists() and mf.load(target).id == data["id"]:  # a concurrent finalize wrote the same content
+            return target
+        raise
 
 
 def file_entries(receipts: list[dict], count_key: str = "rows") -> list[dict]:

@@ -27,6 +27,7 @@ SlurmctldHost={host}
 SlurmctldPort={ctld_port}
 SlurmdPort={d_port}
 AuthType=auth/none
+AuthInfo=cred_expire=5
 CredType=cred/none
 SlurmUser=root
 SlurmdUser=root

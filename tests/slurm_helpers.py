@@ -54,7 +54,8 @@ def wait_jobs(ids: list[str], timeout_s: float = 120) -> None:
             return
         time.sleep(0.5)
     queue = subprocess.run(["squeue", "-o", "%i %T %r"], capture_output=True, text=True).stdout
-    raise TimeoutError(f"jobs {ids} still queued after {timeout_s} s:\n{queue}")
+    jobs = subprocess.run(["scontrol", "show", "job", "-o"], capture_output=True, text=True).stdout
+    raise TimeoutError(f"jobs {ids} still queued after {timeout_s} s:\n{queue}\n{jobs}")
 
 
 def part_digests(folder: Path) -> dict[str, str]:

@@ -175,3 +175,12 @@ def test_submit_command_dry_run_prints_the_jobs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fake             tasks     (dry run) sbatch --parsable" in out
     assert "#SBATCH --array=0-2" in (tmp_path / "run/slurm/fake.sbatch").read_text()
+
+
+def test_the_example_cluster_config_renders_a_chained_job_per_stage(tmp_path):
+    example = REPO / "pipeline" / "configs" / "example-cluster.yaml"
+    cfg = load_config(example, [f"run_dir={tmp_path / 'run'}"])
+    jobs = submit(cfg, dry_run=True, skip_complete=False)
+    assert [j.role for j in jobs].count("finalize") == 4 and [j.role for j in jobs][-2:] == ["torchrun"] * 2
+    finetune = jobs[-1]
+    assert finetune.after == ["labeled:finalize", "pretrain:torchrun"]  # the stages it references
