@@ -8,6 +8,7 @@ made with different parameters.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Callable
 
 from pipeline import __version__
 from pipeline.atomic import publish, remove_stale_temps, staged, write_atomic
-from pipeline.errors import FingerprintMismatch, IntegrityError
+from pipeline.errors import FingerprintMismatch, IntegrityError, PartFailed
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.signals import critical, fault_point
 
@@ -131,8 +132,12 @@ class PartStore:
         started = time.time()
         final = self.part_path(index)
         fault_point("part.begin")
-        with staged(final) as tmp:
-            result = write(tmp)
+        try:
+            with staged(final) as tmp:
+                result = write(tmp)
+        except OSError as exc:  # ENOSPC, EIO...: name the part; the temp is already removed
+            raise PartFailed(f"{final}: {exc}; nothing was published (free space or fix the disk, then rerun)",
+                             "no_space" if exc.errno == errno.ENOSPC else "os_error") from exc
         try:
             fault_point("part.written")
             rows = self._validate(tmp, result)
@@ -184,7 +189,10 @@ class PartStore:
         record = {"part": index, "reason": reason, "message": message,
                   "attempts": int(previous.get("attempts", 0)) + 1, "host": socket.gethostname(),
                   "time": time.time(), "fingerprint": self.fp["hash"]}
-        write_atomic(self.failure_path(index), json.dumps(record, indent=1, sort_keys=True).encode())
+        try:
+            write_atomic(self.failure_path(index), json.dumps(record, indent=1, sort_keys=True).encode())
+        except OSError as exc:  # a full disk must not hide the part's own error; attempts are then not counted
+            log.error("%s: could not record the failure of %s (%s)", self.out_dir, part_name(index), exc)
         return record
 
     def write_plan(self, num_parts: int) -> None:
