@@ -155,7 +155,7 @@ def format_table(statuses: list[StageStatus]) -> str:
     lines = [f"{'stage':<14} {'state':<12} {'parts':>11}  {'manifest':<9} {'id':<12} folder"]
     for stage in statuses:
         for folder in stage.folders or [FolderStatus("-", manifest="-")]:
-            parts = f"{folder.committed}/{folder.total if folder.total is not None else '?'}"
+            parts = "-" if not stage.folders else f"{folder.committed}/{folder.total if folder.total is not None else '?'}"
             lines.append(f"{stage.name:<14} {stage.state:<12} {parts:>11}  {folder.manifest:<9} "
                          f"{(folder.manifest_id or '')[:12]:<12} {folder.path}")
             for index, fail in folder.failed.items():
