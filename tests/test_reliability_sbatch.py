@@ -26,12 +26,10 @@ import pytest
 from pipeline.config import config_from_dict, stage_argv
 from pipeline.errors import InputError
 from pipeline.submit import submit
-from tests.slurm_helpers import REPO
 
 PAYLOADS = {"dquote": '"; touch {m} #', "squote": "'; touch {m} #", "subshell": "$(touch {m})",
             "backquote": "`touch {m}`", "directive": "x\n#SBATCH --uid=0"}
-SLURM_REFUSED = {"name", "run_dir", "stage_name", "arg_key", "env_name", "extra_directive"}  # and every slurm.* field
-FIELDS = ("partition", "account", "qos", "constraint", "mem", "time", "finalize_time", "max_parallel")
+SLURM_FIELDS = ("partition", "account", "qos", "constraint", "mem", "time", "finalize_time", "max_parallel")
 REFUSED = {"name", "run_dir", "stage_name", "arg_key", "env_name", "extra_directive"}  # and every slurm.* field
 FIELDS = ("name", "run_dir", "workdir", "python", "stage_name", "argv", "arg_value", "arg_key", "env_value",
           "stage_env_value", "env_name", "out", *(f"slurm.{k}" for k in SLURM_FIELDS), "extra_directive")
