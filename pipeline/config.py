@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -228,7 +229,6 @@ def _env(env: dict) -> dict[str, str]:
 
 
 def _default_python() -> str:
-    import sys
     return sys.executable
 
 
