@@ -44,7 +44,7 @@ def load_inputs(train: list[str | Path], teacher_logits: list[str | Path] | None
                          f"({len(teacher_logits)} for {len(manifests)})")
     if teacher_logits and config.loss == "hard":
         raise InputError("--teacher-logits is used by --loss soft or mix only; drop it or change the loss")
-    names = _class_names(manifests)
+    names = _class_names(manifests, teacher_logits)
     lineage = [(m, "train") for m in manifests]
     logits_paths: list[str | None] = [None] * len(manifests)
     topks = set()
@@ -62,13 +62,17 @@ def load_inputs(train: list[str | Path], teacher_logits: list[str | Path] | None
                        tuple(lineage))
 
 
-def _class_names(manifests: list[mf.Manifest]) -> list[str]:
-    names = list(manifests[0].params.get("class_names") or [])
+def _class_names(manifests: list[mf.Manifest], teacher_logits: list[str | Path] | None) -> list[str]:
+    """The class list of the labeled manifests, or of the teacher's logits for an unlabeled pool."""
+    names = next((list(m.params["class_names"]) for m in manifests if m.params.get("class_names")), [])
+    if not names and teacher_logits:
+        names = open_logits(teacher_logits[0]).class_names  # blind distillation: the teacher's classes
     if not names:
-        raise InputError(f"{manifests[0].path}: no class_names; training needs the class list")
-    for other in manifests[1:]:
-        if list(other.params.get("class_names") or []) != names:
-            raise InputError(f"{other.path}: class_names differ from {manifests[0].path}")
+        raise InputError(f"{manifests[0].path}: no class_names; training needs the class list (an unlabeled "
+                         "pool takes it from --teacher-logits)")
+    for other in manifests:
+        if other.params.get("class_names") and list(other.params["class_names"]) != names:
+            raise InputError(f"{other.path}: class_names differ from the other training inputs")
     return names
 
 
