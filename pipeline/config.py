@@ -241,8 +241,8 @@ def _stage(name: str, body: dict) -> Stage:
 
 
 def config_hash(data: dict) -> str:
-    """sha256 of the resolved config's canonical JSON."""
-    return sha256_json(data)
+    """sha256 of the resolved config's canonical JSON, stage order included."""
+    return sha256_json({**data, "stage_order": list(data["stages"])})
 
 
 def _arg_text(value: Any) -> str:
@@ -280,7 +280,7 @@ def resolved_document(config: Config) -> bytes:
     """The resolved config with its hash, as written beside outputs (pretty JSON)."""
     body = {"config_hash": config.hash, "source": str(config.source) if config.source else None,
             "config": config.data}
-    return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+    return json.dumps(body, indent=2).encode() + b"\n"  # key order kept: stages run in config order
 
 
 def write_resolved(config: Config, folder: Path) -> Path:

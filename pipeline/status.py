@@ -36,6 +36,7 @@ class FolderStatus:
     manifest: str = "missing"
     manifest_id: str | None = None
     problems: list[str] = field(default_factory=list)
+    has_parts: bool = True  # False for stages that write no parts (teacher, train, evaluate)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def folder_status(folder: Path, verify_files: bool = False, checks: dict | None 
     """Status of one stage output folder from one scan of its receipts and its manifest."""
     folder = Path(folder)
     scan = scan_folder(folder)
-    status = FolderStatus(str(folder), committed=len(scan.receipts),
+    status = FolderStatus(str(folder), committed=len(scan.receipts), has_parts=(folder / RECEIPTS).is_dir(),
                           failed={i: {k: r.get(k) for k in ("reason", "message", "attempts")}
                                   for i, r in sorted(scan.failures.items())})
     if scan.plan and isinstance(scan.plan.get("num_parts"), int):
@@ -155,7 +156,8 @@ def format_table(statuses: list[StageStatus]) -> str:
     lines = [f"{'stage':<14} {'state':<12} {'parts':>11}  {'manifest':<9} {'id':<12} folder"]
     for stage in statuses:
         for folder in stage.folders or [FolderStatus("-", manifest="-")]:
-            parts = "-" if not stage.folders else f"{folder.committed}/{folder.total if folder.total is not None else '?'}"
+            total = folder.total if folder.total is not None else "?"
+            parts = f"{folder.committed}/{total}" if stage.folders and folder.has_parts else "-"
             lines.append(f"{stage.name:<14} {stage.state:<12} {parts:>11}  {folder.manifest:<9} "
                          f"{(folder.manifest_id or '')[:12]:<12} {folder.path}")
             for index, fail in folder.failed.items():

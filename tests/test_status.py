@@ -41,6 +41,7 @@ def test_status_counts_committed_parts_and_names_failed_ones(failed_run, capsys)
     assert folder.failed == {3: {"reason": "planted", "message": "part 3: planted failure (--fail-part)",
                                  "attempts": 2}}
     assert fake.state == "failed" and after.state == "not started" and after.folders[0].total is None
+    assert [s.name for s in collect(cfg.run_dir)] == ["fake", "after"]  # config order, not alphabetical
     assert main(["status", str(cfg.run_dir)]) == 0
     table = capsys.readouterr().out
     assert "fake           failed               4/5  missing" in table
