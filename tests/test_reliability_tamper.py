@@ -5,6 +5,7 @@ Expected:
   with an error naming the file: logits (a dataset shard: that part fails, ``checksum_mismatch``, the other parts
   commit), select (a logits part), reshard (a selection part; a dataset shard fails its output part), dedup
   (a logits part), evaluate (a dataset shard; teacher logits), train (a training shard);
+- ``kdpipe verify`` on an artifact with a changed, a cut and a missing part lists all three and exits 1;
 - a logits part listed with a MATCHING sha256 but written wrong (duplicate keys, class ids outside [0, C),
   top-K logits not sorted) is rejected by ``kdpipe verify`` (exit 1, naming the part) and by every reader:
   ``LogitsSet.read_part`` / ``iter_batches`` (used by select, dedup, reshard, evaluate, train) raise
@@ -27,6 +28,7 @@ import pytest
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import IntegrityError, KdpipeError, PartFailed
+from pipeline.verify import verify
 from stages.checks import CHECKS
 from stages.dedup import dedup
 from stages.evaluate import evaluate
@@ -36,7 +38,6 @@ from stages.reshard import reshard
 from stages.select import select
 from stages.train.config import TrainConfig
 from stages.train.loop import train
-from pipeline.verify import verify
 from tests.test_logits_support import relist
 from tests.test_reliability_support import clean_chain
 
@@ -187,3 +188,16 @@ def test_dedup_rejects_a_logits_part_with_duplicate_keys(chain, tmp_path):
     with pytest.raises(KdpipeError, match=f"part-000002.parquet: key .* appears more than once"):
         dedup(bad, tmp_path / "dedup")
     assert not (tmp_path / "dedup" / "manifest.json").exists()
+
+
+def test_verify_lists_every_damaged_file_and_exits_non_zero(copy, capsys):
+    flip(copy / "logits" / "part-000000.parquet")
+    cut = copy / "logits" / "part-000002.parquet"
+    cut.write_bytes(cut.read_bytes()[:-40])
+    (copy / "logits" / "part-000003.parquet").unlink()
+    problems = verify(copy / "logits" / "manifest.json", CHECKS)
+    assert [p.split(":")[0].rsplit("/", 1)[-1] for p in problems] == [
+        "part-000000.parquet", "part-000002.parquet", "part-000003.parquet"], problems
+    assert main(["verify", str(copy / "logits")]) == 1
+    out = capsys.readouterr()
+    assert all(f"part-00000{i}.parquet" in out.out + out.err for i in (0, 2, 3))
