@@ -4,9 +4,9 @@ This is the one way other stages (select, dedup, reshard, evaluate) and users re
 checked against the manifest before its rows are used: sha256 and size, and the Parquet metadata
 (schema version, temperature, top-K, number of classes, teacher and dataset ids) equal to the manifest's.
 Rows are checked as they are read (vectorised; select end to end on 2M rows is within run-to-run noise with
-them): class ids in [0, C), top-K logits
-finite and sorted descending, keys unique within the part (per view for multi-view parts); a part that breaks
-them was written wrong by its producer and is refused with ``IntegrityError`` naming the file and the row.
+them): class ids in [0, C), top-K logits finite and sorted descending, keys unique within the part (per view
+for multi-view parts); a part that breaks them was written wrong by its producer and is refused with
+``IntegrityError`` naming the file and a key.
 Reading streams record batches, so memory is bounded by ``batch_rows`` (plus one part's keys), never by the
 artifact's size.
 """
