@@ -37,7 +37,7 @@ def confusion_csv(confusion: np.ndarray, class_names: list[str]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
@@ -64,7 +64,7 @@ def confusion_png(confusion: np.ndarray, class_names: list[str]) -> bytes:
     ax.set_ylabel("true class")
     ax.set_title("confusion matrix")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def per_class_png(per_class: list[dict]) -> bytes:
@@ -79,7 +79,7 @@ def per_class_png(per_class: list[dict]) -> bytes:
     ax.set_ylabel("accuracy")
     ax.set_title("per-class top-1 accuracy")
     fig.tight_layout()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _pct(value: float | None) -> str:
