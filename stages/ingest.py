@@ -171,7 +171,8 @@ def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict,
     store = PartStore(folder, ".tar", fingerprint("ingest", params, CODE_VERSION), count_samples)
     produce = lambda index: store.commit(index, _write_part([items[j] for j in shards[index]]),
                                          task_info(task_index, num_tasks))
-    report: TaskReport = run_parts(store, plan_block(task_index, num_tasks, len(shards)), produce, desc="ingest")
+    report: TaskReport = run_parts(store, plan_block(task_index, num_tasks, len(shards)), produce, desc="ingest",
+                                   num_parts=len(shards))
     if report.exit_code:
         raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(len(shards))):

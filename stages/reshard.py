@@ -216,7 +216,8 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     cache = _WaveCache(rows, plan, plan_waves(plan.part_rows, block, max_rows))
     writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
-    report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard")
+    report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard",
+                       num_parts=len(plan.parts))
     done = finalize_only or (do_finalize and all(store.committed(i, verify=False) is not None
                                                  for i in range(len(plan.parts))))
     manifest = _finalize(store, lineage, rows, plan, params, out) if done else None
