@@ -27,7 +27,6 @@ a zero-byte tar, bytes that are not a tar: each part fails with the shard's path
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -102,7 +101,8 @@ def _name_members(jpg: bytes) -> tuple[list[tuple[str, bytes]], list[tarfile.Tar
     return members, [link, folder]
 
 
-NAME_OUTCOMES = {"img": "missing_image", "labelonly": "missing_image", "rep": "row+duplicate_key", "other": ROW, "same": ROW,
+NAME_OUTCOMES = {"img": "missing_image", "labelonly": "missing_image", "rep": "row+duplicate_key", "other": ROW,
+                 "same": ROW,
                  "../../etc/x": "unsafe_key", "/abs/y": "unsafe_key", "noext": "bad_member_name", LONG: ROW,
                  "dir/ok": ROW, NON_UTF8.split(".")[0]: "unsafe_key", "twin": ROW}
 
@@ -112,8 +112,7 @@ def _dataset(root: Path) -> Path:
     images = _image_cases()
     jpg = images["good"][0]
     names, extra = _name_members(jpg)
-    tars = [_tar(root / "part-000000.tar", [(f"{k}.{'jpg' if k != 'png_in_jpg' else 'jpg'}", v[0])
-                                            for k, v in images.items()]),
+    tars = [_tar(root / "part-000000.tar", [(f"{key}.jpg", body) for key, (body, _) in images.items()]),
             _tar(root / "part-000001.tar", names, extra),
             _tar(root / "part-000002.tar", [("twin.jpg", _jpeg((20, 20))), ("solo.jpg", jpg)])]
     full = _tar(root / "full.tar", [(f"s{i}.jpg", jpg) for i in range(4)])
@@ -190,4 +189,5 @@ def test_committed_parts_of_the_corpus_pass_the_content_checks_of_kdpipe_verify(
     manifest = mf.Manifest(out / "x.json", {"params": json.loads((out / "_parts" / "part-000000.json").read_text())
                                             ["fingerprint"]["params"]})
     for index in range(3):
-        assert CHECKS["logits"](manifest, {"path": f"part-{index:06d}.parquet"}, out / f"part-{index:06d}.parquet") == []
+        name = f"part-{index:06d}.parquet"
+        assert CHECKS["logits"](manifest, {"path": name}, out / name) == []

@@ -16,6 +16,7 @@ Kill points reuse ``pipeline.signals.fault_point`` (``KDPIPE_FAULT``) where the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 from pathlib import Path
@@ -125,7 +126,7 @@ def assert_folder_sound(folder: Path) -> None:
     receipts = [p for p in folder.rglob("_parts/part-*.json") if not p.name.endswith(".failed.json")]
     assert receipts
     for receipt in receipts:
-        body = mf.json.loads(receipt.read_bytes())
+        body = json.loads(receipt.read_bytes())
         part = receipt.parent.parent / body["file"]
         assert sha256_file(part) == body["sha256"] and part.stat().st_size == body["bytes"], part
 
@@ -147,7 +148,7 @@ def assert_select_invariants(chain: Chain, out: Path) -> None:
     import pyarrow.parquet as pq
     table = pq.read_table(out / "part-000000.parquet")
     rows = list(zip(*(table.column(c).to_pylist() for c in ("key", "label", "dup"))))
-    images = sum(mf.json.loads(p.read_bytes())["extra"]["images"] for p in out.glob("_map/*/_parts/part-*.json"))
+    images = sum(json.loads(p.read_bytes())["extra"]["images"] for p in out.glob("_map/*/_parts/part-*.json"))
     assert images == mf.load(chain.logits).totals["rows"]
     assert len(set(rows)) == len(rows) == mf.load(out).totals["rows"]
     assert {k for k, _, _ in rows} <= set(_dataset_keys(chain.data))

@@ -10,8 +10,9 @@ Expected:
 - ENOSPC: reshard's output folder on a real 512 KiB tmpfs filled so that only the first part fits (or nothing
   fits): every part that did not fit fails with "<part path>: [Errno 28] No space left on device" (reason
   ``no_space``; the task does not crash even when the failure record cannot be written), nothing is published
-  for it and no temp file is left; after space is freed, the rerun completes with parts byte-identical to a clean run's. (Skipped where
-  ``mount -t tmpfs`` is not permitted; ``tests/test_parts.py`` covers a writer that raises ENOSPC.)
+  for it and no temp file is left; after space is freed, the rerun completes with parts byte-identical to a clean
+  run's. (Skipped where ``mount -t tmpfs`` is not permitted; ``tests/test_parts.py`` covers a writer that raises
+  ENOSPC.)
 """
 
 from __future__ import annotations

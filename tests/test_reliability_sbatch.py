@@ -8,10 +8,10 @@ would read (the ``#SBATCH`` lines before the first command) and runs the script 
 
 Expected, for every (field, payload): refused with ``InputError`` before any script is submitted (config name,
 run_dir -- it is in ``--output`` --, stage name, args key, env name, every ``#SBATCH`` field), or quoted
-(workdir, python, argv, args value, env values, out): every job ran and the file X never appears, no directive beyond the field-free baseline appears
-(no ``--uid``), and the kdpipe process received exactly the argv of the config (the payload as one intact
-argument). ``slurm.preamble`` is shell code by design (``module load ...``) and is the one field not quoted; it is
-documented as such and not fed payloads here.
+(workdir, python, argv, args value, env values, out): every job ran and the file X never appears, no directive
+beyond the field-free baseline appears (no ``--uid``), and the kdpipe process received exactly the argv of the
+config (the payload as one intact argument). ``slurm.preamble`` is shell code by design (``module load ...``) and
+is the one field not quoted; it is documented as such and not fed payloads here.
 """
 
 from __future__ import annotations

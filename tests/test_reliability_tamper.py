@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import IntegrityError, KdpipeError, PartFailed
 from pipeline.verify import verify
