@@ -115,6 +115,8 @@ def invoke(config: Config, stage: Stage, argv: list[str], subprocess_mode: bool)
         cmd = [config.python, "-m", stage.entry, *argv]
         return subprocess.run(cmd, cwd=config.workdir, env={**os.environ, **env}, check=False).returncode
     main = importlib.import_module("pipeline.cli" if stage.entry == "pipeline" else stage.entry).main
+    if stage.entry == "pipeline":  # keep the caller's --log-level (cli.main sets the root level)
+        argv = ["--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()), *argv]
     with _environment(env), _cwd(config.workdir):
         try:
             return int(main(argv) or 0)
