@@ -101,6 +101,14 @@ def test_fewer_shards_than_ranks_times_workers_is_refused_saying_what_to_change(
         check_shard_count(plan)
 
 
+def test_less_than_one_batch_per_rank_is_refused_naming_the_batch_size(soft_data):
+    plan = _plan(soft_data, num_workers=1)
+    small = DataPlan(**{**plan.__dict__, "batch_size": plan.total_samples + 1})
+    with pytest.raises(InputError, match=rf"{plan.total_samples} training samples make no full batch.*--batch-size"):
+        check_shard_count(small)
+    check_shard_count(DataPlan(**{**plan.__dict__, "batch_size": plan.total_samples}))
+
+
 def test_views_depend_only_on_seed_epoch_and_key_and_stay_inside_the_image():
     spec = AugmentSpec(scale_min=0.3, flip_prob=0.5)
     a = draw_view(8, 8, view_rng(1, 2, "digits-00001"), spec)

@@ -309,7 +309,11 @@ def shard_refs(manifests: list[mf.Manifest], logits: list[str | None]) -> list[S
 
 
 def check_shard_count(plan: DataPlan) -> None:
-    """Refuse fewer shards than ranks x workers (some would get none), saying what to change."""
+    """Refuse less than one batch per rank, or fewer shards than ranks x workers, saying what to change."""
+    if plan.total_samples < plan.world * plan.batch_size:
+        raise InputError(f"{plan.total_samples} training samples make no full batch of {plan.batch_size} per rank "
+                         f"on {plan.world} rank(s): lower --batch-size to at most "
+                         f"{max(1, plan.total_samples // plan.world)}")
     needed = plan.world * plan.streams
     if len(plan.shards) < needed:
         raise InputError(f"{len(plan.shards)} training shard(s) for {plan.world} rank(s) x {plan.streams} "
