@@ -3,7 +3,7 @@
 ``pipeline.verify`` re-hashes files and compares counts; these checks look inside a file whose bytes match
 its manifest, so they catch a part that was *written* wrong (a buggy or foreign producer), not only one
 damaged later. Logits parts: readable footer, columns and types of the contract, metadata agreeing with the
-manifest, the part's shard index, unique keys, class ids in [0, C) and distinct per row, top-K logits sorted
+manifest, the part's shard index, unique keys (unique (key, view) in a multi-view part), class ids in [0, C) and distinct per row, top-K logits sorted
 descending, finite lse with lse >= max(z)/T, and softened probabilities summing to at most 1. Reading streams
 record batches (memory bounded by the batch, plus the part's keys for the duplicate check).
 """
@@ -90,7 +90,7 @@ def _batch_problems(batch, params: dict, shard: int, seen: set[str], offset: int
     logit = fixed_list_to_numpy(batch.column("topk_logit"), topk).astype(np.float64)
     lse = batch.column("lse").to_numpy(zero_copy_only=False).astype(np.float64)
     shards = batch.column("shard").to_numpy(zero_copy_only=False)
-    problems = _key_problems(keys, seen)
+    problems = _key_problems(_row_ids(batch, keys), seen)
     top = logit[:, 0] / temperature
     slack = 1e-3 * (1.0 + np.abs(top))  # float16 storage rounds z by up to ~5e-4 relative
     rows = lambda mask: ", ".join(f"{offset + int(i)} ({keys[int(i)]})" for i in np.flatnonzero(mask)[:3])
@@ -106,6 +106,14 @@ def _batch_problems(batch, params: dict, shard: int, seen: set[str], offset: int
     ]
     problems += [f"rows {rows(mask)}: {what}" for mask, what in checks if mask.any()]
     return problems
+
+
+def _row_ids(batch, keys: list) -> list:
+    """What must be unique in a part: the key, or (key, view) in a multi-view part (docs/views.md)."""
+    if "view" not in batch.schema.names:
+        return keys
+    views = batch.column("view").to_pylist()
+    return [None if k is None else f"{k} (view {v})" if v else k for k, v in zip(keys, views)]
 
 
 def _key_problems(keys: list, seen: set[str]) -> list[str]:

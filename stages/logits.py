@@ -33,6 +33,7 @@ from stages.logits_data import PartFeed, ShardBlock, ShardRef, make_loader
 from stages.logits_format import SCHEMA_VERSION
 from stages.logits_write import LOGIT_TYPES
 from stages.teacher_card import load_classifier, preprocess_of
+from stages.views import AugSpec, manifest_views
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "logits-1"
@@ -51,6 +52,12 @@ class Setup:
     params: dict
     preprocess: imaging.Preprocess
     device: torch.device
+    spec: AugSpec | None = None
+
+    @property
+    def views(self) -> int:
+        """Rows per image (V; 1 for single-view logits)."""
+        return 1 if self.spec is None else self.spec.views
 
 
 def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int,
@@ -58,7 +65,8 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
                    batch_size: int = DEFAULT_COMPUTE_BATCH, loader_batch: int = 32, num_workers: int | None = None,
                    prefetch: int = 2, embeddings: bool = False, logit_dtype: str = DEFAULT_LOGIT_DTYPE,
                    device: str | None = None, compile_model: bool = False, gpu_decode: bool = False,
-                   retry_failed: bool = False, max_attempts: int = 3, finalize: bool = True) -> Path | None:
+                   retry_failed: bool = False, max_attempts: int = 3, finalize: bool = True,
+                   aug: AugSpec | None = None) -> Path | None:
     """Compute the logits parts of one array task, then finalize the artifact when every part is committed.
 
     Args:
@@ -82,6 +90,8 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
             decode (such a part is recomputed in full and replaced).
         max_attempts: a part that failed this often is skipped until ``retry_failed``.
         finalize: write the manifest when every part of the dataset is committed.
+        aug: multi-view logits (``stages.views.parse_aug``): V recorded views per image, one row per
+            (key, view) with the view columns of ``stages.views_format``; None = the centre view only.
 
     Returns:
         The logits manifest's path, or None while parts of other tasks are missing.
@@ -92,7 +102,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
     """
     setup = prepare(data_manifest, card, out, topk=topk, temperature=temperature, batch_size=batch_size,
                     embeddings=embeddings, logit_dtype=logit_dtype, device=device, compile_model=compile_model,
-                    gpu_decode=gpu_decode)
+                    gpu_decode=gpu_decode, aug=aug)
     store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
     block = plan_block(task_index, num_tasks, len(setup.data.files))
     report = _run_block(setup, store, block, task=task_info(task_index, num_tasks), num_workers=num_workers,
@@ -109,7 +119,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
 def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int, temperature: float,
             batch_size: int = DEFAULT_COMPUTE_BATCH, embeddings: bool = False,
             logit_dtype: str = DEFAULT_LOGIT_DTYPE, device: str | None = None, compile_model: bool = False,
-            gpu_decode: bool = False) -> Setup:
+            gpu_decode: bool = False, aug: AugSpec | None = None) -> Setup:
     """Load and cross-check the inputs and options; return the task's ``Setup`` (no model loaded yet)."""
     data = mf.load(data_manifest, kind="dataset")
     teacher = mf.load(card)
@@ -121,14 +131,17 @@ def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, top
         dev = resolve_device(device)
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"--device {device!r}: {exc}") from None
+    if aug is not None and gpu_decode:
+        raise InputError("--gpu-decode renders centre views only; drop it (or --aug) for multi-view logits")
     params = {"teacher_id": teacher.id, "teacher_kind": teacher.kind, "dataset_id": data.id,
               "num_classes": int(teacher.params["num_classes"]), "class_names": list(teacher.params["class_names"]),
-              "topk": int(topk), "temperature": float(temperature), "preprocess": pp.to_dict(), "views": VIEWS,
+              "topk": int(topk), "temperature": float(temperature), "preprocess": pp.to_dict(),
+              "views": manifest_views(aug),
               "embedding_dim": None, "logit_dtype": logit_dtype, "parquet_schema_version": SCHEMA_VERSION,
               "compute_batch": int(batch_size), "compute": compute_mode(dev, compile_model, gpu_decode)}
     if embeddings:
         params["embedding_dim"] = _embedding_dim(teacher)
-    return Setup(data, teacher, Path(out), params, pp, dev)
+    return Setup(data, teacher, Path(out), params, pp, dev, aug)
 
 
 def check_card_against_data(card: mf.Manifest, data: mf.Manifest) -> imaging.Preprocess:
@@ -222,7 +235,7 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
         engine = _engine(setup)
     gpu_decode = setup.params["compute"]["decode"] == "gpu-jpeg"
     loader = make_loader(ShardBlock(_shard_refs(setup.data, todo), setup.preprocess, loader_batch,
-                                    raw_jpeg=gpu_decode),
+                                    raw_jpeg=gpu_decode, spec=setup.spec),
                          workers, prefetch)  # compute batches are pinned by the Engine
     feed = PartFeed(loader, workers, todo)
     produce = lambda index: store.commit(index, _part_writer(setup, engine, feed, index), task)
@@ -263,10 +276,12 @@ def _part_writer(setup: Setup, engine: Engine, feed: PartFeed, index: int):
 
     def write(tmp: Path) -> PartResult:
         rows, failures = assemble_part(feed.records(index), engine, setup.params, meta, tmp, index)
-        accounted = rows + sum(len(v) for v in failures.values())
-        if accounted != int(entry["samples"]):
-            raise IntegrityError(f"{entry['path']}: {rows} rows + {accounted - rows} failures != "
-                                 f"{entry['samples']} samples in {setup.data.path}; nothing was published")
+        images = rows // setup.views  # an image has V rows or none
+        accounted = images + sum(len(v) for v in failures.values())
+        if accounted != int(entry["samples"]) or images * setup.views != rows:
+            raise IntegrityError(f"{entry['path']}: {rows} rows ({setup.views} per image) + "
+                                 f"{accounted - images} failures != {entry['samples']} samples in "
+                                 f"{setup.data.path}; nothing was published")
         return PartResult(expected_rows=rows, failures=failures,
                           input={"shard": index, "path": entry["path"], "sha256": entry["sha256"],
                                  "samples": entry["samples"]})
@@ -301,7 +316,7 @@ def finalize_logits(setup: Setup, store: PartStore) -> Path | None:
 def finalize_only(data_manifest: str | Path, card: str | Path, out: str | Path, **options) -> Path | None:
     """``kdpipe logits --finalize``: write the manifest from committed parts (same options as the tasks)."""
     keys = ("topk", "temperature", "batch_size", "embeddings", "logit_dtype", "device", "compile_model",
-            "gpu_decode")
+            "gpu_decode", "aug")
     setup = prepare(data_manifest, card, out, **{k: options[k] for k in keys if k in options})
     store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
     store.check_fingerprint()

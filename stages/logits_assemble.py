@@ -4,6 +4,11 @@ Records arrive in any interleaving of workers. A window of shard positions ``[j*
 compute batch as soon as every position in it is known (decoded or failed), so the rows, the batch
 composition and hence the bytes depend only on the shard and the fingerprinted ``B``. Decode failures and
 non-finite logits are counted by reason with their keys; they never become rows.
+
+Multi-view logits (``params["views"]["aug"]`` set): row position ``p*V + v`` is view v of the sample at shard
+position p, so windows are windows of rows. A failed image is counted once (its views 1..V-1 carry the
+``SKIP`` placeholder), and an image with non-finite logits in any view loses all its rows (counted once),
+so every image has exactly V rows or none.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline.errors import IntegrityError, PartFailed
 from stages import imaging
 from stages.inference import Engine, gpu_centre_views
-from stages.logits_data import ShardRef
+from stages.logits_data import SKIP, ShardRef
 from stages.logits_write import PartRows, part_table, write_part
 from stages.shardio import ShardStats, read_shard
+from stages.views import AugSpec
+from stages.views_format import with_views
 
 log = logging.getLogger(__name__)
 NONFINITE = "nonfinite_logits"
@@ -35,10 +44,10 @@ class _Window:
     def __init__(self, size: int):
         self.size, self.start, self.items = size, 0, {}
 
-    def add(self, position: int, key: str, pixels=None, raw=None, reason: str | None = None) -> None:
+    def add(self, position: int, key: str, pixels=None, raw=None, reason: str | None = None, view=None) -> None:
         if position in self.items or position < self.start:
             raise IntegrityError(f"shard position {position} ({key}) arrived twice from the data loader")
-        self.items[position] = (key, pixels, raw, reason)
+        self.items[position] = (key, pixels, raw, reason, view)
 
     def full_batches(self) -> Iterable[list[tuple]]:
         while all(p in self.items for p in range(self.start, self.start + self.size)):
@@ -83,15 +92,28 @@ def assemble_part(records: Iterable[dict], engine: Engine, params: dict, meta: d
     for end in ends:
         for reason, keys in end["shard_failures"].items():
             failures.setdefault(reason, []).extend(keys)
-    write_part(part_table(rows, index, num_classes=params["num_classes"], topk=params["topk"],
-                          logit_dtype=params["logit_dtype"], embedding_dim=params["embedding_dim"],
-                          metadata=meta), tmp)
-    return len(rows), failures
+    table = part_table(rows, index, num_classes=params["num_classes"], topk=params["topk"],
+                       logit_dtype=params["logit_dtype"], embedding_dim=params["embedding_dim"], metadata=meta)
+    aug = params["views"]["aug"]
+    if aug is not None:
+        table = _drop_nonfinite_images(with_views(table, rows.views, AugSpec.from_dict(aug)), failures)
+    write_part(table, tmp)
+    return table.num_rows, failures
+
+
+def _drop_nonfinite_images(table, failures: dict):
+    """Remove every row of an image one of whose views had non-finite logits (it is counted once)."""
+    bad = failures.get(NONFINITE)
+    if not bad:
+        return table
+    failures[NONFINITE] = list(dict.fromkeys(bad))
+    return table.filter(pc.invert(pc.is_in(table.column("key"), value_set=pa.array(failures[NONFINITE]))))
 
 
 def _add_record(window: _Window, record: dict) -> None:
+    views = record.get("views") or [None] * len(record["keys"])
     for j, (position, key) in enumerate(zip(record["positions"], record["keys"])):
-        window.add(position, key, pixels=record["pixels"][j])
+        window.add(position, key, pixels=record["pixels"][j], view=views[j])
     for position, key, data in record["raw"]:
         window.add(position, key, raw=data)
     for position, key, reason in record["failed"]:
@@ -101,25 +123,30 @@ def _add_record(window: _Window, record: dict) -> None:
 def _run_batch(batch: list[tuple], engine: Engine, rows: PartRows, failures: dict) -> None:
     """Run one compute batch (its good samples, in shard order) and append rows or failures."""
     good = []
-    for key, pixels, raw, reason in _decode_raw(batch, engine):
+    for key, pixels, raw, reason, view in _decode_raw(batch, engine):
+        if reason == SKIP:
+            continue  # another view of an image already counted as failed
         if reason is not None:
             failures.setdefault(reason, []).append(key)
         else:
-            good.append((key, pixels))
+            good.append((key, pixels, view))
     if not good:
         return
-    views = [p for _, p in good]
+    views = [p for _, p, _ in good]
     on_host = all(v.device.type == "cpu" for v in views)
     out = engine.run(torch.stack(views if on_host else [v.to(engine.device) for v in views]))
-    keys = [k for k, _ in good]
+    keys = [k for k, _, _ in good]
     bad = [keys[j] for j in np.flatnonzero(~out.finite)]
     if bad:
         failures.setdefault(NONFINITE, []).extend(bad)
         log.warning("%d sample(s) with non-finite logits (%s, ...); not written, counted as %s",
                     len(bad), bad[0], NONFINITE)
     keep = out.finite
+    if good[0][2] is not None:  # multi-view: keep every row; whole images are dropped at the end
+        keep = np.ones_like(keep)
     rows.append([k for k, ok in zip(keys, keep) if ok], out.index[keep], out.logit[keep], out.lse[keep],
-                None if out.embedding is None else out.embedding[keep])
+                None if out.embedding is None else out.embedding[keep],
+                views=[g[2] for g, ok in zip(good, keep) if ok])
 
 
 def _decode_raw(batch: list[tuple], engine: Engine) -> list[tuple]:
@@ -133,9 +160,9 @@ def _decode_raw(batch: list[tuple], engine: Engine) -> list[tuple]:
             try:
                 view = torch.from_numpy(np.array(imaging.centre_view(bytes(batch[i][2].numpy()), engine.pp)))
             except imaging.SampleError as exc:
-                batch[i] = (key, None, None, exc.reason)
+                batch[i] = (key, None, None, exc.reason, None)
                 continue
-        batch[i] = (key, view, None, None)
+        batch[i] = (key, view, None, None, None)
     return batch
 
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.errors import PartFailed
 from stages import imaging
 from stages.shardio import ShardStats, read_shard
+from stages.views import AugSpec, render_view, sample_views
 
 log = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -50,12 +51,15 @@ class ShardBlock(IterableDataset):
         loader_batch: samples per record a worker sends (does not change any result).
         max_pixels: the decode policy's pixel limit.
         raw_jpeg: send JPEG bytes undecoded (decoded later on the GPU); other formats decode here.
+        spec: multi-view logits (``stages.views``): each sample gives ``spec.views`` rows, views 0..V-1 of
+            the sample at shard position p sit at row positions ``p*V .. p*V+V-1`` (so the compute batches,
+            and hence the bytes, still depend on the shard and the batch size only).
     """
 
     def __init__(self, shards: list[ShardRef], preprocess: imaging.Preprocess, loader_batch: int = 32,
-                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, raw_jpeg: bool = False):
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, raw_jpeg: bool = False, spec: AugSpec | None = None):
         self.shards, self.pp, self.loader_batch = list(shards), preprocess, max(1, int(loader_batch))
-        self.max_pixels, self.raw_jpeg = max_pixels, raw_jpeg
+        self.max_pixels, self.raw_jpeg, self.spec = max_pixels, raw_jpeg and spec is None, spec
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -68,9 +72,14 @@ class ShardBlock(IterableDataset):
         batch = _Batch(shard.index, worker)
         error = None
         try:
-            for position, (key, fields) in enumerate(read_shard(shard.path, stats, shard.sha256, shard.samples)):
+            samples = read_shard(shard.path, stats, shard.sha256, shard.samples)
+            decode = self._decode_into
+            if self.spec is not None:
+                samples = list(samples) if self.spec.mixup else samples  # mixup: partners from the whole shard
+                decode = _ViewDecoder(self, samples if self.spec.mixup else None).decode_into
+            for position, (key, fields) in enumerate(samples):
                 if position % workers == worker:
-                    self._decode_into(batch, position, key, fields)
+                    decode(batch, position, key, fields)
                     if len(batch) >= self.loader_batch:
                         yield batch.record()
                         batch = _Batch(shard.index, worker)
@@ -80,7 +89,8 @@ class ShardBlock(IterableDataset):
             error = ["unreadable_tar", f"{shard.path}: {exc}"]
         if len(batch):
             yield batch.record()
-        yield batch.end(error, stats.yielded, stats.failures if worker == 0 else {})
+        rows = stats.yielded * (1 if self.spec is None else self.spec.views)  # row positions of the part
+        yield batch.end(error, rows, stats.failures if worker == 0 else {})
 
     def _decode_into(self, batch: "_Batch", position: int, key: str, fields: dict) -> None:
         try:
@@ -92,6 +102,47 @@ class ShardBlock(IterableDataset):
                 batch.add(position, key, imaging.centre_view(data, self.pp, self.max_pixels))
         except imaging.SampleError as exc:
             batch.fail(position, key, exc.reason)
+
+
+class _ViewDecoder:
+    """Renders the V views of a sample into a worker's record (rows ``p*V + v``; see ``ShardBlock``).
+
+    With mixup, partners come from the keys of the shard that decode: the worker first reads the whole
+    shard (holding its encoded images: memory bounded by the shard's size) and decodes each image once to
+    learn that pool, exactly like ``views.render_shard_views``; every worker computes the same pool.
+    """
+
+    def __init__(self, block: ShardBlock, samples: list | None):
+        self.block, self.spec = block, block.spec
+        self.encoded: dict[str, bytes] | None = None
+        if samples is not None:
+            self.encoded = {}
+            for key, fields in samples:
+                try:
+                    data = imaging.find_image(fields)
+                    imaging.decode(data, block.max_pixels)
+                    self.encoded[key] = data
+                except imaging.SampleError:
+                    pass
+
+    def decode_into(self, batch: "_Batch", position: int, key: str, fields: dict) -> None:
+        V, pp = self.spec.views, self.block.pp
+        try:
+            img = imaging.decode(imaging.find_image(fields), self.block.max_pixels)
+        except imaging.SampleError as exc:
+            batch.fail(position * V, key, exc.reason)
+            for v in range(1, V):
+                batch.fail(position * V + v, key, SKIP)
+            return
+        pool = None if self.encoded is None else list(self.encoded)
+        for view in sample_views(self.spec, key, img.width, img.height, pool, pp=pp):
+            partner = None
+            if view.partner is not None:
+                partner = imaging.decode(self.encoded[view.partner], self.block.max_pixels)
+            batch.add(position * V + view.index, key, render_view(img, view, pp, partner), view)
+
+
+SKIP = ""  # the failure reason of views 1..V-1 of an image that failed (counted once, on view 0's row)
 
 
 def check_header(data: bytes, max_pixels: int) -> None:
@@ -115,16 +166,18 @@ class _Batch:
         self.positions: list[int] = []
         self.keys: list[str] = []
         self.pixels: list[np.ndarray] = []
+        self.views: list = []  # stages.views.View per pixels entry (None for single-view logits)
         self.raw: list[tuple[int, str, bytes]] = []
         self.failed: list[tuple[int, str, str]] = []
 
     def __len__(self) -> int:
         return len(self.positions) + len(self.raw) + len(self.failed)
 
-    def add(self, position: int, key: str, pixels: np.ndarray) -> None:
+    def add(self, position: int, key: str, pixels: np.ndarray, view=None) -> None:
         self.positions.append(position)
         self.keys.append(key)
         self.pixels.append(pixels)
+        self.views.append(view)
 
     def add_raw(self, position: int, key: str, data: bytes) -> None:
         self.raw.append((position, key, data))
@@ -136,11 +189,11 @@ class _Batch:
         pixels = torch.from_numpy(np.stack(self.pixels)) if self.pixels else torch.empty(0, dtype=torch.uint8)
         raw = [(p, k, torch.frombuffer(bytearray(d), dtype=torch.uint8)) for p, k, d in self.raw]
         return {"part": self.part, "worker": self.worker, "positions": list(self.positions), "keys": self.keys,
-                "pixels": pixels, "raw": raw, "failed": self.failed, "end": None}
+                "pixels": pixels, "views": self.views, "raw": raw, "failed": self.failed, "end": None}
 
     def end(self, error: list | None, yielded: int, shard_failures: dict) -> dict:
         return {"part": self.part, "worker": self.worker, "positions": [], "keys": [],
-                "pixels": torch.empty(0, dtype=torch.uint8), "raw": [], "failed": [],
+                "pixels": torch.empty(0, dtype=torch.uint8), "views": [], "raw": [], "failed": [],
                 "end": {"error": error, "yielded": yielded, "shard_failures": shard_failures}}
 
 

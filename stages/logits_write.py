@@ -34,19 +34,22 @@ class PartRows:
     logit: list[np.ndarray] = field(default_factory=list)
     lse: list[np.ndarray] = field(default_factory=list)
     embedding: list[np.ndarray] = field(default_factory=list)
+    views: list = field(default_factory=list)  # stages.views.View per row (multi-view logits only)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def append(self, keys: list[str], index: np.ndarray, logit: np.ndarray, lse: np.ndarray,
-               embedding: np.ndarray | None) -> None:
-        """Add rows (already in shard order, non-finite rows removed)."""
+               embedding: np.ndarray | None, views: list | None = None) -> None:
+        """Add rows (already in shard order, non-finite rows removed); ``views`` for multi-view rows."""
         self.keys += keys
         self.index.append(index)
         self.logit.append(logit)
         self.lse.append(lse)
         if embedding is not None:
             self.embedding.append(embedding)
+        if views and views[0] is not None:
+            self.views += views
 
 
 def _fixed_list(values: list[np.ndarray], width: int, dtype: np.dtype, arrow_type: pa.DataType) -> pa.Array:

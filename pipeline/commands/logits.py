@@ -17,7 +17,11 @@ def register(sub) -> None:
     p.add_argument("--topk", type=int, required=True, help="classes stored per image")
     p.add_argument("--temperature", type=float, required=True, help="T of the stored lse = logsumexp(z/T)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--views", type=int, default=1, help="views per image (only 1, the centre view, for now)")
+    p.add_argument("--views", type=int, default=1,
+                   help="recorded views per image (view 0 = centre view; V > 1 needs --aug); see docs/views.md")
+    p.add_argument("--aug", default=None,
+                   help='augmentation of views 1..V-1, e.g. "rrc:0.35-1,flip:0.5,mixup:0.2" (docs/views.md)')
+    p.add_argument("--aug-seed", type=int, default=0, help="seed of the recorded views (part of the fingerprint)")
     p.add_argument("--embeddings", action="store_true", help="also store L2-normalised penultimate features")
     p.add_argument("--logit-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--batch-size", type=int, default=32,
@@ -34,17 +38,18 @@ def register(sub) -> None:
 
 
 def _options(args) -> dict:
-    return {"topk": args.topk, "temperature": args.temperature, "batch_size": args.batch_size,
+    from stages.views import parse_aug
+
+    aug = None if args.views == 1 and args.aug is None else parse_aug(args.aug, views=args.views, seed=args.aug_seed)
+    return {"aug": aug, "topk": args.topk, "temperature": args.temperature, "batch_size": args.batch_size,
             "embeddings": args.embeddings, "logit_dtype": args.logit_dtype, "device": args.device,
             "compile_model": args.compile, "gpu_decode": args.gpu_decode}
 
 
 def run(args) -> int:
-    from pipeline.errors import InputError, PartFailed
+    from pipeline.errors import PartFailed
     from stages.logits import compute_logits, finalize_only
 
-    if args.views != 1:
-        raise InputError(f"--views {args.views}: multi-view logits are not implemented yet (use 1)")
     if args.finalize:
         path = finalize_only(args.data, args.teacher, args.out, **_options(args))
         log.info("logits: %s", path or "parts are still missing; see the log")
