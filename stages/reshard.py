@@ -5,7 +5,12 @@ pseudo-label, ascii) and ``json`` (score, provenance and the teacher's top-K log
 so training needs no look-ups. Output shard j reads a contiguous run of source shards once, sequentially
 (``reshard_plan.plan_output_shards``); array tasks take blocks of output shards; within a shard samples
 are shuffled with a seed. Every selected row lands exactly once or is a counted failure with its key
-(``missing_key``, ``missing_image``, ``not_an_image``, decode reasons, ``missing_soft_targets``).
+(``missing_key``, ``missing_image``, ``not_an_image``, decode reasons, ``missing_soft_targets``,
+``missing_partner``).
+
+From multi-view logits (docs/views.md) a sample's ``json`` also carries ``"views"``: every stored view's
+parameters and top-K targets, and each mixup partner's original image travels as member ``p<v>.<ext>``
+(view v's partner), so the trainer can rebuild every view exactly without the source dataset.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from stages.ingest_sources import sniff_extension
 from stages.reshard_inputs import TARGET_COLUMNS, Lineage, SelectionRows, resolve_lineage
 from stages.reshard_plan import plan_output_shards, plan_waves, sample_key, shuffle_order, targets_json
 from stages.shardio import ShardStats, count_samples, read_shard, write_shard
+from stages.views_format import is_multiview, views_from_table, view_record
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "reshard-1"
@@ -90,6 +96,7 @@ class _PartWriter:
         self.lineage, self.cache, self.seed = lineage, cache, seed
         self.decode_check, self.temperature, self.scratch = decode_check, temperature, scratch
         self.num_classes = int(lineage.selection.params["num_classes"])
+        self.multiview = multiview_of(lineage) > 1
 
     def __call__(self, part: int) -> Callable[[Path], PartResult]:
         rows = self.cache.part_rows(part)
@@ -111,19 +118,35 @@ class _PartWriter:
         samples, seen = [], set()
         for shard, members in itertools.groupby(rows, key=lambda r: r["shard"]):  # rows are sorted by shard
             group = list(members)
-            images = self._spool_shard(shard, {r["key"] for r in group}, spool)
+            views = self._views(shard, group) if self.multiview else {}
+            partners = {v["partner"] for rows in views.values() for v in rows if v["partner"] is not None}
+            images = self._spool_shard(shard, {r["key"] for r in group} | partners, spool)
             targets = self._targets(shard, group)
             for row in group:
                 out_key = sample_key(row["key"], row["label"], row["dup"])
                 reason = _row_problem(row["key"], out_key, images, targets, seen)
+                members = [] if reason else _partner_members(views.get(row["key"]), images)
+                reason = reason or (None if members is not None else "missing_partner")
                 if reason:
                     failures.setdefault(reason, []).append(out_key)
                     continue
                 seen.add(out_key)
                 ext, offset, size = images[row["key"]]
-                body = targets_json({**row, **targets[row["key"]]}, self.temperature)
-                samples.append((out_key, ext, offset, size, row["label"], body))
+                body = targets_json({**row, **targets[row["key"]]}, self.temperature, views.get(row["key"]))
+                samples.append((out_key, ext, offset, size, row["label"], body, members))
         return samples
+
+    def _views(self, shard: int, group: list[dict]) -> dict[str, list[dict]]:
+        """Every stored view (parameters and targets) of the group's keys, from the shard's logits part."""
+        needed = {r["key"] for r in group}
+        table = self.lineage.logits.read_part(shard)
+        keep = [i for i, k in enumerate(table.column("key").to_pylist()) if k in needed]
+        table = table.take(keep)
+        out: dict[str, list[dict]] = {}
+        for key, view, row in zip(table.column("key").to_pylist(), views_from_table(table),
+                                  table.select(list(TARGET_COLUMNS)).to_pylist()):
+            out.setdefault(key, []).append(view_record(view, row["topk_index"], row["topk_logit"], row["lse"]))
+        return out
 
     def _spool_shard(self, shard: int, needed: set[str], spool) -> dict[str, tuple | str]:
         """Read source shard ``shard`` once; spool the needed images; a bad one maps to its failure reason."""
@@ -176,10 +199,32 @@ def _row_problem(key: str, out_key: str, images: dict, targets: dict, seen: set)
     return None if key in targets else "missing_soft_targets"
 
 
+def _partner_members(views: list[dict] | None, images: dict) -> list[tuple] | None:
+    """``(member, offset, size)`` of each view's mixup partner (``p<v>.<ext>``); None if one is missing."""
+    members = []
+    for record in views or []:
+        found = images.get(record["partner"]) if record["partner"] is not None else ()
+        if not isinstance(found, tuple):
+            return None
+        if found:
+            ext, offset, size = found
+            members.append((f"p{record['view']}.{ext}", offset, size))
+    return members
+
+
 def _materialise(sample: tuple, spool) -> dict:
-    out_key, ext, offset, size, label, body = sample
+    out_key, ext, offset, size, label, body, members = sample
     spool.seek(offset)
-    return {"__key__": out_key, ext: spool.read(size), "cls": str(label).encode(), "json": body}
+    out = {"__key__": out_key, ext: spool.read(size), "cls": str(label).encode(), "json": body}
+    for name, start, length in members:
+        spool.seek(start)
+        out[name] = spool.read(length)
+    return out
+
+
+def multiview_of(lineage: Lineage) -> int:
+    """Stored views per image of the selection's logits (1 when single-view or not found)."""
+    return 1 if lineage.logits is None else int(lineage.logits.views.get("count", 1))
 
 
 def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None = None, shard_size: int = 1000,
@@ -233,8 +278,12 @@ def _soft_targets(lineage: Lineage) -> dict:
     """``soft_targets`` params: from the selection's params, else from its logits."""
     sel, logits = lineage.selection.params, lineage.logits
     pick = lambda key, attr: sel.get(key) if sel.get(key) is not None else getattr(logits, attr, None)
-    return {"topk": pick("topk", "topk"), "temperature": pick("temperature", "temperature"),
-            "teacher_id": pick("teacher_id", "teacher_id"), "logits_id": sel["logits_id"]}
+    out = {"topk": pick("topk", "topk"), "temperature": pick("temperature", "temperature"),
+           "teacher_id": pick("teacher_id", "teacher_id"), "logits_id": sel["logits_id"]}
+    if multiview_of(lineage) > 1:  # the trainer renders the stored views with the teacher's preprocessing
+        out["views"] = dict(logits.views)
+        out["preprocess"] = dict(logits.params["preprocess"])
+    return out
 
 
 def _finalize(store: PartStore, lineage: Lineage, rows: SelectionRows, plan: _Plan, params: dict,
