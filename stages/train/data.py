@@ -11,6 +11,11 @@ sample that cannot be used is skipped and reported with its batch as (reason, ke
 Every rank yields exactly ``steps_per_epoch`` batches per epoch (``DataPipeline.with_epoch``); a stream
 that runs out of shards starts another pass over them, reshuffled.
 
+Multi-view soft targets (reshard output of multi-view logits, docs/views.md): a sample whose ``json`` has
+``"views"`` is rendered as its stored view ``views.epoch_view(seed, key, epoch, V)``, exactly (the teacher's
+preprocessing, ``DataPlan.view_preprocess``; mixup partner from member ``p<v>.<ext>``), without the
+student's own random view, and trains against that view's targets.
+
 Resume is exact: a batch carries its stream's position (samples taken from the shuffle buffer so far); a
 resumed stream skips that many samples without decoding them.
 """
@@ -37,6 +42,7 @@ from stages.imaging import Preprocess, SampleError
 from stages.logits_reader import open_logits
 from stages.shardio import ShardStats, read_shard
 from stages.train.augment import AugmentSpec, draw_view, eval_view, view_rng
+from stages.views import View, epoch_view, render_view
 
 log = logging.getLogger(__name__)
 SOFT_FIELDS = ("topk_index", "topk_logit", "lse", "temperature")
@@ -70,6 +76,7 @@ class DataPlan:
     need_soft: bool
     topk: int | None = None
     shuffle_buffer: int = 1000
+    view_preprocess: Preprocess | None = None  # the teacher's, for stored views (multi-view soft targets)
 
     @property
     def total_samples(self) -> int:
@@ -142,6 +149,11 @@ def decode_sample(sample: dict, plan: DataPlan, epoch: int) -> dict:
     """Pixels (HWC uint8), label and soft targets of one raw sample; raises ``SampleError``."""
     key, fields = sample["__key__"], sample["fields"]
     img = imaging.decode(imaging.find_image(fields))
+    record = None
+    if plan.need_soft:
+        record = sample["joined"] if sample["joined"] is not None else _json_record(fields)
+    if record is not None and record.get("views") and plan.view_preprocess is not None:
+        return _stored_view_sample(key, fields, img, record, plan, epoch)
     if plan.augment is not None:
         box, flip = draw_view(*img.size, view_rng(plan.seed, epoch, key, sample["pass"]), plan.augment)
     else:
@@ -149,8 +161,29 @@ def decode_sample(sample: dict, plan: DataPlan, epoch: int) -> dict:
     out = {"key": key, "pixels": imaging.render(img, box, plan.preprocess, flip), "box": box, "flip": flip}
     out["label"] = parse_label(fields, plan.num_classes) if plan.need_label else _optional_label(fields, plan)
     if plan.need_soft:
-        record = sample["joined"] if sample["joined"] is not None else _json_record(fields)
         out["soft"] = parse_soft(record, plan.num_classes, plan.topk)
+    return out
+
+
+def _stored_view_sample(key: str, fields: dict, img, record: dict, plan: DataPlan, epoch: int) -> dict:
+    """The sample as its stored view of this epoch: the teacher's exact pixels and that view's targets."""
+    views = record["views"]
+    try:
+        rec = views[epoch_view(plan.seed, key, epoch, len(views))]
+        view = View.from_json(rec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SampleError("bad_soft_targets", f"stored view unreadable ({exc})") from None
+    partner = None
+    if view.partner is not None:
+        member = next((m for m in fields if m.startswith(f"p{view.index}.")), None)
+        if member is None:
+            raise SampleError("missing_partner", f"view {view.index} mixes in {view.partner!r}: no member "
+                              f"p{view.index}.<ext>")
+        partner = imaging.decode(fields[member])
+    out = {"key": key, "pixels": render_view(img, view, plan.view_preprocess, partner), "box": view.box,
+           "flip": view.flip}
+    out["label"] = parse_label(fields, plan.num_classes) if plan.need_label else _optional_label(fields, plan)
+    out["soft"] = parse_soft({**rec, "temperature": record.get("temperature")}, plan.num_classes, plan.topk)
     return out
 
 

@@ -4,6 +4,7 @@ logits joined by key, and initial weights. Everything is checked before any work
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from pipeline import manifest as mf
 from pipeline.errors import InputError, ManifestError
 from pipeline.hashing import sha256_file
+from stages.imaging import Preprocess
 from stages.logits_reader import open_logits
 from stages.teacher_card import load_classifier, load_state_dict
 from stages.train.checkpoint import POINTER, load_latest
@@ -28,6 +30,7 @@ class TrainInputs:
     class_names: tuple[str, ...]
     topk: int | None
     lineage: tuple[tuple[mf.Manifest, str], ...]
+    view_preprocess: Preprocess | None = None  # the teacher's, when the soft targets carry stored views
 
 
 def load_inputs(train: list[str | Path], teacher_logits: list[str | Path] | None, config: TrainConfig) -> TrainInputs:
@@ -59,7 +62,17 @@ def load_inputs(train: list[str | Path], teacher_logits: list[str | Path] | None
     if len(topks) > 1:
         raise InputError(f"the soft targets disagree on top-K ({sorted(topks)}); train on one kind at a time")
     return TrainInputs(tuple(manifests), tuple(logits_paths), tuple(names), topks.pop() if topks else None,
-                       tuple(lineage))
+                       tuple(lineage), _view_preprocess(manifests) if config.loss != "hard" else None)
+
+
+def _view_preprocess(manifests: list[mf.Manifest]) -> Preprocess | None:
+    """The teacher's preprocessing of stored views (multi-view soft targets), one for all inputs, or None."""
+    found = {json.dumps(m.params["soft_targets"]["preprocess"], sort_keys=True) for m in manifests
+             if (m.params.get("soft_targets") or {}).get("views")}
+    if len(found) > 1:
+        raise InputError("the training inputs carry stored views made with different teacher preprocessing; "
+                         "train on one at a time")
+    return Preprocess.from_dict(json.loads(found.pop())) if found else None
 
 
 def _class_names(manifests: list[mf.Manifest], teacher_logits: list[str | Path] | None) -> list[str]:
@@ -92,6 +105,9 @@ def _check_logits(path, manifest: mf.Manifest, names: list[str], lineage: list) 
     if logits.num_classes != len(names) or logits.num_parts != len(manifest.files):
         raise ManifestError(f"{logits.manifest.path}: {logits.num_classes} classes / {logits.num_parts} parts; "
                             f"{manifest.path} has {len(names)} classes / {len(manifest.files)} shards")
+    if int(logits.views.get("count", 1)) > 1:
+        raise InputError(f"{logits.manifest.path}: multi-view logits ({logits.views['count']} views) cannot be "
+                         "joined by key; select and reshard them (training shards carry every view)")
     lineage.append((logits.manifest, "teacher_logits"))
     return logits.topk
 
@@ -102,7 +118,10 @@ def make_plan(inputs: TrainInputs, config: TrainConfig, world: int) -> DataPlan:
                     num_classes=len(inputs.class_names), batch_size=config.batch_size, seed=config.seed,
                     world=world, streams=max(1, config.num_workers), preprocess=config.preprocess,
                     augment=config.augment, need_label=config.loss != "soft", need_soft=config.loss != "hard",
-                    topk=inputs.topk, shuffle_buffer=config.shuffle_buffer)
+                    topk=inputs.topk, shuffle_buffer=config.shuffle_buffer, view_preprocess=inputs.view_preprocess)
+    if inputs.view_preprocess is not None and inputs.view_preprocess.size != config.preprocess.size:
+        raise InputError(f"the soft targets carry stored teacher views of {inputs.view_preprocess.size} px; "
+                         f"train at that size (--size {inputs.view_preprocess.size}) to replay them exactly")
     check_shard_count(plan)
     return plan
 
@@ -138,8 +157,6 @@ def load_initial(model: torch.nn.Module, init: str | Path) -> tuple[mf.Manifest 
 
 def card_defaults(init: str | Path) -> tuple[str | None, "Preprocess | None"]:
     """(arch, preprocessing) of an ``--init`` card, or (None, None) when ``init`` is not a card."""
-    from stages.imaging import Preprocess
-
     path = Path(init)
     if not ((path / mf.MANIFEST_NAME).is_file() or path.name == mf.MANIFEST_NAME):
         return None, None
