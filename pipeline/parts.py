@@ -200,7 +200,11 @@ class PartStore:
         path = self.receipts_dir / PLAN_NAME
         plan = {"num_parts": int(num_parts), "fingerprint": self.fp["hash"]}
         if _read_json(path) != plan:
-            write_atomic(path, json.dumps(plan, sort_keys=True).encode())
+            try:
+                write_atomic(path, json.dumps(plan, sort_keys=True).encode())
+            except OSError as exc:  # informational only: a full disk must fail the parts, by name, not the task
+                log.warning("%s: could not record the part count (%s); status shows no total until a rerun",
+                            path, exc)
 
     def failures(self) -> dict[int, dict]:
         """Failure records of parts that are not committed, by index."""
