@@ -59,7 +59,8 @@ def class_names_from(spec: str | Path) -> list[str]:
 
 
 def import_teacher(weights: str | Path, out: str | Path, *, arch: str, class_names: list[str],
-                   preprocess: Preprocess, eval_data: str | Path | None = None, device: str = "cpu") -> Path:
+                   preprocess: Preprocess, eval_data: str | Path | None = None, device: str = "cpu",
+                   weights_sha256: str | None = None) -> Path:
     """Wrap existing weights in a teacher card (weights re-saved as safetensors); return the manifest path.
 
     Args:
@@ -70,11 +71,12 @@ def import_teacher(weights: str | Path, out: str | Path, *, arch: str, class_nam
         preprocess: how the teacher sees images (recorded in the card; used by logits).
         eval_data: labeled manifest whose top-1 goes into the card's metrics.
         device: where to run the evaluation.
+        weights_sha256: the digest the weights must have (checked before loading them).
     """
     out = Path(out)
     if (out / mf.MANIFEST_NAME).exists():
         raise InputError(f"{out}: already holds a card; write to a new --out folder")
-    state = load_state_dict(weights)
+    state = load_state_dict(weights, weights_sha256)
     model = build_model(arch, len(class_names))
     try:
         model.load_state_dict(state, strict=True)

@@ -22,14 +22,22 @@ from stages.models import build_model
 WEIGHTS = "weights.safetensors"
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file, or a state dict via ``torch.load(weights_only=True)``.
+
+    Args:
+        path: the weights file.
+        expected_sha256: a pinned digest; checked before a single byte is deserialised.
 
     Raises ``InputError`` naming the file for anything else (a pickle that carries code is refused).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such weights file")
+    actual = sha256_file(path) if expected_sha256 is not None else None
+    if actual is not None and actual != expected_sha256.lower():
+        raise InputError(f"{path}: sha256 {actual} differs from the pinned {expected_sha256}; "
+                         "refusing to load it (check the file, or the pin in your config)")
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
 from stages.models import build_model
 from stages.teacher import class_names_from, import_teacher
@@ -90,3 +91,20 @@ def test_weights_of_another_head_size_are_refused_naming_the_mismatch(tmp_path):
     with pytest.raises(InputError, match="does not fit smallcnn with 10 classes.*fc.weight"):
         import_teacher(tmp_path / "w.safetensors", tmp_path / "t", arch="smallcnn", class_names=list("0123456789"),
                        preprocess=PP)
+
+
+def test_a_pinned_sha256_is_checked_before_the_weights_are_loaded(tmp_path, monkeypatch):
+    save_file(build_model("smallcnn", 3).state_dict(), str(tmp_path / "w.safetensors"))
+    digest = sha256_file(tmp_path / "w.safetensors")
+    import stages.teacher_card as card_module
+    loads = []
+    monkeypatch.setattr(card_module, "load_file", lambda p: loads.append(p) or pytest.fail("loaded before the check"))
+    with pytest.raises(InputError, match=r"w.safetensors: sha256 .* differs from the pinned 0{64}"):
+        import_teacher(tmp_path / "w.safetensors", tmp_path / "t", arch="smallcnn", class_names=list("abc"),
+                       preprocess=PP, weights_sha256="0" * 64)
+    assert not loads and not (tmp_path / "t").exists()
+    monkeypatch.undo()
+    assert main(["teacher", "--import", str(tmp_path / "w.safetensors"), "--classes", "3", "--sha256", digest,
+                 "--out", str(tmp_path / "u")]) == 0
+    assert main(["teacher", "--import", str(tmp_path / "w.safetensors"), "--classes", "3", "--sha256", "1" * 64,
+                 "--out", str(tmp_path / "v")]) == 2

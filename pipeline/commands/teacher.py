@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--import", dest="weights", type=Path, default=None, metavar="WEIGHTS",
                    help="existing weights (.safetensors, or a weights-only torch state dict) instead of training")
     p.add_argument("--classes", default=None, help="with --import: a dataset manifest, a names file, a,b,c or N")
+    p.add_argument("--sha256", default=None, help="with --import: the weights' pinned sha256, checked before loading")
     add_training_args(p, losses=False, train_required=False)
     p.set_defaults(func=run)
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--import WEIGHTS needs --classes (and no --train)")
         path = import_teacher(args.weights, args.out, arch=config.arch, class_names=class_names_from(args.classes),
                               preprocess=config.preprocess, eval_data=args.eval,
-                              device="cpu" if args.device == "auto" else args.device)
+                              device="cpu" if args.device == "auto" else args.device, weights_sha256=args.sha256)
     elif args.train:
         path = train_teacher(args.train, args.out, config, eval_data=args.eval, init=args.init, resume=args.resume)
     else:
