@@ -34,7 +34,7 @@ from stages.ingest_sources import sniff_extension
 from stages.reshard_inputs import TARGET_COLUMNS, Lineage, SelectionRows, resolve_lineage
 from stages.reshard_plan import plan_output_shards, plan_waves, sample_key, shuffle_order, targets_json
 from stages.shardio import ShardStats, count_samples, read_shard, write_shard
-from stages.views_format import is_multiview, views_from_table, view_record
+from stages.views_format import view_record, views_from_table
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "reshard-1"
