@@ -4,8 +4,9 @@
 its manifest, so they catch a part that was *written* wrong (a buggy or foreign producer), not only one
 damaged later. Logits parts: readable footer, columns and types of the contract, metadata agreeing with the
 manifest, the part's shard index, unique keys (unique (key, view) pairs in a multi-view part), class ids in
-[0, C) and distinct per row, top-K logits sorted descending, finite lse with lse >= max(z)/T, and softened probabilities summing to at most 1. Reading streams
-record batches (memory bounded by the batch, plus the part's keys for the duplicate check).
+[0, C) and distinct per row, top-K logits sorted descending, finite lse with lse >= max(z)/T, and softened
+probabilities summing to at most 1. Reading streams record batches (memory bounded by the batch, plus the
+part's keys for the duplicate check).
 """
 
 from __future__ import annotations
