@@ -31,6 +31,7 @@ from stages.inference import Engine, compute_mode, resolve_device
 from stages.logits_assemble import assemble_part, recoverable_keys
 from stages.logits_data import PartFeed, ShardBlock, ShardRef, make_loader
 from stages.logits_format import SCHEMA_VERSION
+from stages.logits_reuse import Base, load_base, reuse_parts
 from stages.logits_write import LOGIT_TYPES
 from stages.teacher_card import load_classifier, preprocess_of
 from stages.views import AugSpec, manifest_views
@@ -66,7 +67,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
                    prefetch: int = 2, embeddings: bool = False, logit_dtype: str = DEFAULT_LOGIT_DTYPE,
                    device: str | None = None, compile_model: bool = False, gpu_decode: bool = False,
                    retry_failed: bool = False, max_attempts: int = 3, finalize: bool = True,
-                   aug: AugSpec | None = None) -> Path | None:
+                   aug: AugSpec | None = None, reuse: str | Path | None = None) -> Path | None:
     """Compute the logits parts of one array task, then finalize the artifact when every part is committed.
 
     Args:
@@ -92,6 +93,8 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
         finalize: write the manifest when every part of the dataset is committed.
         aug: multi-view logits (``stages.views.parse_aug``): V recorded views per image, one row per
             (key, view) with the view columns of ``stages.views_format``; None = the centre view only.
+        reuse: old logits of a base of this (grown) dataset: unchanged shards get their old parts rewritten,
+            byte-identical to computing them, without running the teacher (``stages.logits_reuse``).
 
     Returns:
         The logits manifest's path, or None while parts of other tasks are missing.
@@ -105,6 +108,9 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
                     gpu_decode=gpu_decode, aug=aug)
     store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
     block = plan_block(task_index, num_tasks, len(setup.data.files))
+    base = None if reuse is None else load_base(reuse, setup.params, setup.data)
+    if base is not None:
+        reuse_parts(base, store, block, setup.data, setup.params, task_info(task_index, num_tasks))
     report = _run_block(setup, store, block, task=task_info(task_index, num_tasks), num_workers=num_workers,
                         loader_batch=loader_batch, prefetch=prefetch, retry_failed=retry_failed,
                         max_attempts=max_attempts)
@@ -113,7 +119,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
         raise PartFailed(f"{setup.out}: {len(bad)} part(s) failed ({', '.join(part_name(i) for i in bad[:10])}); "
                          "the other parts are committed. Fix the input shards, then rerun this task "
                          "(add --retry-failed for parts that were given up)", "parts_failed")
-    return finalize_logits(setup, store) if finalize else None
+    return finalize_logits(setup, store, base) if finalize else None
 
 
 def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int, temperature: float,
@@ -296,13 +302,17 @@ def part_metadata(params: dict, shard: int) -> dict:
             **{k: params[k] for k in keep}}
 
 
-def finalize_logits(setup: Setup, store: PartStore) -> Path | None:
-    """Write the logits manifest if every part of the dataset is committed; None while some are missing."""
+def finalize_logits(setup: Setup, store: PartStore, base: Base | None = None) -> Path | None:
+    """Write the logits manifest if every part of the dataset is committed; None while some are missing.
+
+    ``base``: the old logits whose parts were reused (``--reuse``), recorded as an input with role ``base``.
+    """
     total = len(setup.data.files)
     if any(store.committed(i, verify=False) is None for i in range(total)):
         log.info("%s: parts of other tasks are still missing; manifest not written yet", setup.out)
         return None
     inputs = [mf.input_ref(setup.data, setup.out, "data"), mf.input_ref(setup.card, setup.out, "teacher")]
+    inputs += [base.input_ref(setup.out)] if base is not None else []
     samples = sum(int(f["samples"]) for f in setup.data.files)
 
     def build(receipts: list[dict]) -> dict:
@@ -320,4 +330,5 @@ def finalize_only(data_manifest: str | Path, card: str | Path, out: str | Path, 
     setup = prepare(data_manifest, card, out, **{k: options[k] for k in keys if k in options})
     store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
     store.check_fingerprint()
-    return finalize_logits(setup, store)
+    reuse = options.get("reuse")
+    return finalize_logits(setup, store, None if reuse is None else load_base(reuse, setup.params, setup.data))

@@ -1,0 +1,150 @@
+"""Reusing old logits parts for the unchanged shards of a grown dataset (``logits --reuse OLD``).
+
+A grown dataset (``ingest --base``) keeps its old shards byte for byte. When the old logits were made with
+every parameter equal except ``dataset_id`` (teacher, K, T, dtype, compute batch, compute mode, views,
+preprocess, embeddings), a shard whose sha256 equals an old shard's has the same rows as before, so its part
+is the old part rewritten: same rows, the ``shard`` column renumbered, the file metadata's ``dataset_id`` and
+``shard`` updated, written with the stage's own Parquet writer. The result is byte-identical to computing the
+part, and the teacher never runs for it. Parts go through ``PartStore.commit`` like computed ones; their
+receipts carry the old receipt's failures and ``extra.reused_from``. A part that cannot be reused (old part
+damaged, receipt missing) is logged and left to the normal computation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import manifest as mf
+from pipeline.errors import InputError, IntegrityError, KdpipeError, ManifestError
+from pipeline.parts import RECEIPTS, PartResult, PartStore, part_name
+from pipeline.signals import check_stop
+from stages.logits_format import META_KEY, read_metadata
+from stages.logits_reader import open_logits
+from stages.logits_write import write_part
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Base:
+    """Old logits to reuse and, per new shard index, the old part with the same shard bytes."""
+
+    manifest: mf.Manifest
+    old_data: mf.Manifest
+    parts: dict[int, int]
+
+    def input_ref(self, out: Path) -> dict:
+        """The new logits manifest's lineage entry for the old logits (role ``base``)."""
+        return mf.input_ref(self.manifest, out, "base")
+
+
+def load_base(reuse: str | Path, params: dict, data: mf.Manifest) -> Base:
+    """Check that ``reuse`` (old logits) was made like the new ones and map new shards to old parts.
+
+    Args:
+        reuse: the old logits manifest (file or folder).
+        params: the new logits' params (``stages.logits.prepare``).
+        data: the new dataset manifest.
+
+    Raises:
+        InputError: the old logits were made with other parameters; ManifestError: their dataset is missing.
+    """
+    old = mf.load(reuse, kind="logits")
+    differ = [k for k in sorted(set(old.params) | set(params))
+              if k != "dataset_id" and old.params.get(k) != params.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {old.params.get(k)!r} vs {params.get(k)!r}" for k in differ[:4])
+        raise InputError(f"--reuse {old.path}: made with other parameters ({shown}); only dataset_id may differ. "
+                         "Reuse logits of the same teacher and options, or drop --reuse")
+    old_data = _old_dataset(old)
+    by_sha = {(e["sha256"], int(e["samples"])): i for i, e in enumerate(old_data.files)}
+    parts = {j: by_sha[(e["sha256"], int(e["samples"]))] for j, e in enumerate(data.files)
+             if (e["sha256"], int(e["samples"])) in by_sha}
+    log.info("--reuse %s: %d of %d shard(s) are unchanged; their logits are reused", old.path, len(parts),
+             len(data.files))
+    return Base(old, old_data, parts)
+
+
+def _old_dataset(old: mf.Manifest) -> mf.Manifest:
+    """The dataset the old logits were computed over (their ``data`` input, found by its relative path)."""
+    ref = next((i for i in old.inputs if i.get("role") == "data" and i["kind"] == "dataset"), None)
+    if ref is None or "path" not in ref:
+        raise ManifestError(f"{old.path}: no dataset input (role 'data') to match shards against")
+    data = mf.load(old.folder / ref["path"], kind="dataset")
+    if data.id != old.params["dataset_id"]:
+        raise ManifestError(f"{old.path}: its dataset input {data.path} has id {data.id[:12]}, the logits were "
+                            f"made over {old.params['dataset_id'][:12]}; restore that dataset manifest")
+    return data
+
+
+def reuse_parts(base: Base, store: PartStore, block: range, data: mf.Manifest, params: dict, task: dict) -> list[int]:
+    """Commit the reusable parts of ``block`` that are not committed yet; return the indices committed.
+
+    A part that cannot be reused is logged and left for the teacher (it is computed as usual).
+    """
+    from stages.logits import part_metadata
+
+    store.prepare()
+    done = []
+    for index in (i for i in block if i in base.parts):
+        check_stop(f"{store.out_dir} before {part_name(index)}")
+        if store.committed(index) is not None:
+            continue
+        writer = _rewriter(base, base.parts[index], index, data.files[index], params, part_metadata)
+        try:
+            store.commit(index, writer, task)
+            done.append(index)
+        except (KdpipeError, OSError) as exc:
+            log.warning("%s: cannot reuse old part %s (%s); it will be computed", part_name(index),
+                        part_name(base.parts[index]), exc)
+    log.info("%s: %d part(s) reused from %s", store.out_dir, len(done), base.manifest.path)
+    return done
+
+
+def _rewriter(base: Base, old_index: int, index: int, entry: dict, params: dict, part_metadata):
+    """Writer of new part ``index``: old part ``old_index`` with the new shard number and dataset id."""
+    old = base.manifest
+
+    def write(tmp: Path) -> PartResult:
+        receipt = _old_receipt(old, old_index)
+        table = open_logits(old.path).read_part(old_index)
+        expected = part_metadata({**params, "dataset_id": old.params["dataset_id"]}, old_index)
+        if read_metadata(table.schema) != json.loads(json.dumps(expected)):
+            raise IntegrityError(f"{old.folder / old.files[old_index]['path']}: its file metadata differs from "
+                                 "what this kdpipe writes (another code version)")
+        write_part(_renumbered(table, index, part_metadata(params, index)), tmp)
+        return PartResult(expected_rows=table.num_rows, failures=receipt.get("failures", {}),
+                          input={"shard": index, "path": entry["path"], "sha256": entry["sha256"],
+                                 "samples": entry["samples"]},
+                          extra={"reused_from": {"logits_id": old.id, "part": old_index,
+                                                 "sha256": old.files[old_index]["sha256"]}})
+    return write
+
+
+def _old_receipt(old: mf.Manifest, index: int) -> dict:
+    """The old part's receipt (its failures by key), checked against the old manifest's file entry."""
+    path = old.folder / RECEIPTS / f"{part_name(index)}.json"
+    try:
+        receipt = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        raise IntegrityError(f"{path}: missing or unreadable; the old part's failures are unknown") from None
+    if receipt.get("sha256") != old.files[index]["sha256"]:
+        raise IntegrityError(f"{path}: does not describe the part listed in {old.path}")
+    return receipt
+
+
+def _renumbered(table: pa.Table, shard: int, meta: dict) -> pa.Table:
+    """``table`` with every ``shard`` value set to ``shard`` and the kdpipe metadata replaced by ``meta``."""
+    position = table.schema.get_field_index("shard")
+    column = pa.array(np.full(table.num_rows, shard, np.int32))
+    table = table.set_column(position, table.schema.field(position), column)
+    metadata = dict(table.schema.metadata or {})
+    metadata[META_KEY] = json.dumps(meta, sort_keys=True).encode()
+    return table.replace_schema_metadata(metadata)
+
