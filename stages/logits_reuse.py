@@ -2,9 +2,10 @@
 
 A grown dataset (``ingest --base``) keeps its old shards byte for byte. When the old logits were made with
 every parameter equal except ``dataset_id`` (teacher, K, T, dtype, compute batch, compute mode, views,
-preprocess, embeddings), a shard whose sha256 equals an old shard's has the same rows as before, so its part
-is the old part rewritten: same rows, the ``shard`` column renumbered, the file metadata's ``dataset_id`` and
-``shard`` updated, written with the stage's own Parquet writer. The result is byte-identical to computing the
+preprocess, embeddings), a shard whose sha256 and sample count equal those an old part's receipt records as
+its input has the same rows as before, so its part is the old part rewritten: same rows, the ``shard``
+column renumbered, the file metadata's ``dataset_id`` and ``shard`` updated, written with the stage's own
+Parquet writer. The result is byte-identical to computing the
 part, and the teacher never runs for it. Parts go through ``PartStore.commit`` like computed ones; their
 receipts carry the old receipt's failures and ``extra.reused_from``. A part that cannot be reused (old part
 damaged, receipt missing) is logged and left to the normal computation.
@@ -21,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import manifest as mf
-from pipeline.errors import InputError, IntegrityError, KdpipeError, ManifestError
-from pipeline.parts import RECEIPTS, PartResult, PartStore, part_name
+from pipeline.errors import InputError, IntegrityError, KdpipeError
+from pipeline.parts import PartResult, PartStore, part_name, scan_folder
 from pipeline.signals import check_stop
 from stages.logits_format import META_KEY, read_metadata
 from stages.logits_reader import open_logits
@@ -36,8 +37,8 @@ class Base:
     """Old logits to reuse and, per new shard index, the old part with the same shard bytes."""
 
     manifest: mf.Manifest
-    old_data: mf.Manifest
     parts: dict[int, int]
+    receipts: dict[int, dict]
 
     def input_ref(self, out: Path) -> dict:
         """The new logits manifest's lineage entry for the old logits (role ``base``)."""
@@ -53,7 +54,7 @@ def load_base(reuse: str | Path, params: dict, data: mf.Manifest) -> Base:
         data: the new dataset manifest.
 
     Raises:
-        InputError: the old logits were made with other parameters; ManifestError: their dataset is missing.
+        InputError: the old logits were made with other parameters.
     """
     old = mf.load(reuse, kind="logits")
     differ = [k for k in sorted(set(old.params) | set(params))
@@ -62,25 +63,24 @@ def load_base(reuse: str | Path, params: dict, data: mf.Manifest) -> Base:
         shown = "; ".join(f"{k}: {old.params.get(k)!r} vs {params.get(k)!r}" for k in differ[:4])
         raise InputError(f"--reuse {old.path}: made with other parameters ({shown}); only dataset_id may differ. "
                          "Reuse logits of the same teacher and options, or drop --reuse")
-    old_data = _old_dataset(old)
-    by_sha = {(e["sha256"], int(e["samples"])): i for i, e in enumerate(old_data.files)}
-    parts = {j: by_sha[(e["sha256"], int(e["samples"]))] for j, e in enumerate(data.files)
-             if (e["sha256"], int(e["samples"])) in by_sha}
+    receipts = _old_receipts(old)
+    by_input = {(r["input"]["sha256"], int(r["input"]["samples"])): i for i, r in receipts.items()}
+    parts = {j: by_input[(e["sha256"], int(e["samples"]))] for j, e in enumerate(data.files)
+             if (e["sha256"], int(e["samples"])) in by_input}
     log.info("--reuse %s: %d of %d shard(s) are unchanged; their logits are reused", old.path, len(parts),
              len(data.files))
-    return Base(old, old_data, parts)
+    return Base(old, parts, receipts)
 
 
-def _old_dataset(old: mf.Manifest) -> mf.Manifest:
-    """The dataset the old logits were computed over (their ``data`` input, found by its relative path)."""
-    ref = next((i for i in old.inputs if i.get("role") == "data" and i["kind"] == "dataset"), None)
-    if ref is None or "path" not in ref:
-        raise ManifestError(f"{old.path}: no dataset input (role 'data') to match shards against")
-    data = mf.load(old.folder / ref["path"], kind="dataset")
-    if data.id != old.params["dataset_id"]:
-        raise ManifestError(f"{old.path}: its dataset input {data.path} has id {data.id[:12]}, the logits were "
-                            f"made over {old.params['dataset_id'][:12]}; restore that dataset manifest")
-    return data
+def _old_receipts(old: mf.Manifest) -> dict[int, dict]:
+    """Receipts of the old parts that describe the files the old manifest lists (one scandir)."""
+    found = scan_folder(old.folder).receipts
+    good = {i: r for i, r in found.items() if i < len(old.files) and r.get("sha256") == old.files[i]["sha256"]
+            and isinstance(r.get("input"), dict) and "sha256" in r["input"] and "samples" in r["input"]}
+    if len(good) < len(old.files):
+        log.warning("%s: %d of %d parts have no matching receipt; they cannot be reused", old.folder,
+                    len(old.files) - len(good), len(old.files))
+    return good
 
 
 def reuse_parts(base: Base, store: PartStore, block: range, data: mf.Manifest, params: dict, task: dict) -> list[int]:
@@ -112,7 +112,7 @@ def _rewriter(base: Base, old_index: int, index: int, entry: dict, params: dict,
     old = base.manifest
 
     def write(tmp: Path) -> PartResult:
-        receipt = _old_receipt(old, old_index)
+        receipt = base.receipts[old_index]
         table = open_logits(old.path).read_part(old_index)
         expected = part_metadata({**params, "dataset_id": old.params["dataset_id"]}, old_index)
         if read_metadata(table.schema) != json.loads(json.dumps(expected)):
@@ -127,18 +127,6 @@ def _rewriter(base: Base, old_index: int, index: int, entry: dict, params: dict,
     return write
 
 
-def _old_receipt(old: mf.Manifest, index: int) -> dict:
-    """The old part's receipt (its failures by key), checked against the old manifest's file entry."""
-    path = old.folder / RECEIPTS / f"{part_name(index)}.json"
-    try:
-        receipt = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        raise IntegrityError(f"{path}: missing or unreadable; the old part's failures are unknown") from None
-    if receipt.get("sha256") != old.files[index]["sha256"]:
-        raise IntegrityError(f"{path}: does not describe the part listed in {old.path}")
-    return receipt
-
-
 def _renumbered(table: pa.Table, shard: int, meta: dict) -> pa.Table:
     """``table`` with every ``shard`` value set to ``shard`` and the kdpipe metadata replaced by ``meta``."""
     position = table.schema.get_field_index("shard")
@@ -146,5 +134,13 @@ def _renumbered(table: pa.Table, shard: int, meta: dict) -> pa.Table:
     table = table.set_column(position, table.schema.field(position), column)
     metadata = dict(table.schema.metadata or {})
     metadata[META_KEY] = json.dumps(meta, sort_keys=True).encode()
-    return table.replace_schema_metadata(metadata)
+    return table.cast(_as_written(table.schema)).replace_schema_metadata(metadata)
+
+
+def _as_written(schema: pa.Schema) -> pa.Schema:
+    """The schema as the stage builds it: Parquet reads fixed-size lists back with the child name ``element``,
+    the stage's arrays carry ``item`` (``pa.list_``), and the name is part of the stored Arrow schema bytes."""
+    fields = [pa.field(f.name, pa.list_(f.type.value_type, f.type.list_size), f.nullable, f.metadata)
+              if pa.types.is_fixed_size_list(f.type) else f for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
 

@@ -23,6 +23,9 @@ def register(sub) -> None:
                    help='augmentation of views 1..V-1, e.g. "rrc:0.35-1,flip:0.5,mixup:0.2" (docs/views.md)')
     p.add_argument("--aug-seed", type=int, default=0, help="seed of the recorded views (part of the fingerprint)")
     p.add_argument("--embeddings", action="store_true", help="also store L2-normalised penultimate features")
+    p.add_argument("--reuse", default=None,
+                   help="old logits of the base of this grown dataset (ingest --base): unchanged shards reuse "
+                        "their old parts instead of running the teacher")
     p.add_argument("--logit-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--batch-size", type=int, default=32,
                    help="images per forward pass (fixed; part of the fingerprint: CPU results can depend on it)")
@@ -43,7 +46,7 @@ def _options(args) -> dict:
     aug = None if args.views == 1 and args.aug is None else parse_aug(args.aug, views=args.views, seed=args.aug_seed)
     return {"aug": aug, "topk": args.topk, "temperature": args.temperature, "batch_size": args.batch_size,
             "embeddings": args.embeddings, "logit_dtype": args.logit_dtype, "device": args.device,
-            "compile_model": args.compile, "gpu_decode": args.gpu_decode}
+            "compile_model": args.compile, "gpu_decode": args.gpu_decode, "reuse": args.reuse}
 
 
 def run(args) -> int:
