@@ -7,7 +7,8 @@ bytes are never rewritten), followed by the new source's shards. The base goes i
 old logits parts instead of running the teacher again (see ``stages.logits_reuse``).
 
 Labels follow the base: a labeled base needs a labeled source with the same class names; over an unlabeled
-base the new source's labels are dropped.
+base the new source's labels are dropped. Keys stay unique: each base shard is read back once when it is
+linked (sha256, sample count) and a new source key found in it fails that part, naming the keys.
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ import shutil
 from pathlib import Path
 
 from pipeline import manifest as mf
-from pipeline.errors import InputError, IntegrityError
-from pipeline.hashing import sha256_file
+from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import failure_totals, file_entries, finalize, run_parts, task_info
 from stages.ingest import CODE_VERSION, _write_part, plan_shards
 from stages.ingest_sources import Item, discover
-from stages.shardio import count_samples
+from stages.shardio import ShardStats, count_samples, read_shard
 
 log = logging.getLogger(__name__)
 KEPT_BASE_PARAMS = ("preprocess",)  # dataset params that downstream stages check and a grown set must keep
@@ -65,10 +65,11 @@ def ingest_grown(src: str, out: Path, base: str | Path, *, shard_size: int = 100
               "base_id": old.id, "base_shards": len(old.files)}
     store = PartStore(out, ".tar", fingerprint("ingest", params, CODE_VERSION), count_samples)
     total = len(old.files) + len(new_shards)
+    new_keys = {i.key for i in items}
 
     def produce(index: int) -> dict:
         if index < len(old.files):
-            return store.commit(index, _link_base_shard(old, index), task_info(task_index, num_tasks))
+            return store.commit(index, _link_base_shard(old, index, new_keys), task_info(task_index, num_tasks))
         chosen = [items[j] for j in new_shards[index - len(old.files)]]
         return store.commit(index, _write_part(chosen), task_info(task_index, num_tasks))
 
@@ -93,8 +94,9 @@ def _items_for(old: mf.Manifest, source, src: str) -> tuple[list[Item], list[str
     return list(source.items), names
 
 
-def _link_base_shard(old: mf.Manifest, index: int):
-    """Writer of part ``index``: the base's shard ``index`` hard-linked (or copied), its sha256 checked."""
+def _link_base_shard(old: mf.Manifest, index: int, new_keys: set[str]):
+    """Writer of part ``index``: the base's shard ``index`` hard-linked (or copied), read back once to check its
+    sha256 and sample count and that none of its keys is a key of the new source."""
     entry = old.files[index]
 
     def write(tmp: Path) -> PartResult:
@@ -105,9 +107,11 @@ def _link_base_shard(old: mf.Manifest, index: int):
             os.link(where, tmp)
         except OSError:  # another filesystem, or links not allowed: copy the bytes unchanged
             shutil.copyfile(where, tmp)
-        if sha256_file(tmp) != entry["sha256"]:
-            raise IntegrityError(f"{where}: sha256 differs from {old.path} (changed since it was ingested); "
-                                 "nothing was published. Restore the base dataset or re-ingest it")
+        stats = ShardStats(str(where))
+        clash = [key for key, _ in read_shard(tmp, stats, entry["sha256"], int(entry["samples"])) if key in new_keys]
+        if clash:
+            raise InputError(f"{where}: {len(clash)} key(s) of the new source are already in this base shard "
+                             f"({', '.join(clash[:3])}); keys must stay unique: rename or leave out those files")
         return PartResult(expected_rows=int(entry["samples"]),
                           input={"base": old.id, "shard": index, "path": entry["path"], "sha256": entry["sha256"]})
     return write

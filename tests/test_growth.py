@@ -159,3 +159,61 @@ def test_kdpipe_run_of_a_growth_config_computes_logits_for_the_new_shards_only(g
     made = mf.load(run / "logits")
     assert made.files == mf.load(grown["scratch"]).files  # same dataset content -> the same parts
     assert made.inputs[-1]["role"] == "base" and made.inputs[-1]["id"] == mf.load(run / "old_logits").id
+
+
+def test_logits_reuse_in_two_array_tasks_and_a_finalize_job_gives_the_same_manifest(grown, tmp_path):
+    common = ["logits", "--data", str(grown["data"]), "--teacher", str(grown["card"]), "--topk", str(K),
+              "--temperature", str(T), "--num-workers", "0", "--reuse", str(grown["old"].parent),
+              "--out", str(tmp_path / "l")]
+    for index in (0, 1):
+        assert main([*common, "--task-index", str(index), "--num-tasks", "2", "--no-finalize"]) == 0
+    assert not (tmp_path / "l" / "manifest.json").exists()
+    assert main([*common, "--finalize"]) == 0
+    assert mf.load(tmp_path / "l").id == mf.load(grown["reused"]).id  # base lineage kept by the finalize job
+
+
+def test_multi_view_logits_are_reused_byte_identically(grown, tmp_path):
+    from stages.views import parse_aug
+
+    aug = parse_aug("rrc:0.5-1,flip:0.5", views=2, seed=3)
+    opts = {"topk": K, "temperature": T, "num_workers": 0, "aug": aug}
+    old = compute_logits(grown["base"], grown["card"], tmp_path / "old", **opts)
+    reused = compute_logits(grown["data"], grown["card"], tmp_path / "reused", reuse=old, **opts)
+    scratch = compute_logits(grown["data"], grown["card"], tmp_path / "scratch", **opts)
+    assert mf.load(reused).files == mf.load(scratch).files
+    receipt = json.loads((tmp_path / "reused" / "_parts" / "part-000002.json").read_text())
+    assert receipt["extra"]["reused_from"]["part"] == 2
+
+
+@pytest.fixture(scope="module")
+def unlabeled_base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlabeled")
+    from stages.ingest import ingest
+
+    return ingest("digits", root / "base", shard_size=40, split="unlabeled=60,rest=rest")["unlabeled"]
+
+
+def test_growing_an_unlabeled_base_drops_the_new_sources_labels(unlabeled_base, tmp_path):
+    from stages.shardio import ShardStats, read_shard
+
+    src = _digit_folder(tmp_path / "src", 1)
+    data = mf.load(ingest_grown(str(src), tmp_path / "g", unlabeled_base, shard_size=8))
+    assert not data.params["labeled"] and [f["samples"] for f in data.files] == [40, 20, 8, 2]
+    new = [fields for f in data.files[2:] for _, fields in read_shard(data.file_path(f), ShardStats("x"))]
+    assert len(new) == 10 and all("cls" not in fields for fields in new)
+
+
+def test_a_new_key_already_in_the_base_is_refused_naming_it(unlabeled_base, tmp_path):
+    from stages.shardio import ShardStats, read_shard
+
+    base = mf.load(unlabeled_base)
+    taken = next(key for key, _ in read_shard(base.file_path(base.files[1]), ShardStats("x")))
+    src = tmp_path / "flat"
+    src.mkdir()
+    png = next(f for _, f in read_shard(base.file_path(base.files[0]), ShardStats("x")))["png"]
+    (src / f"{taken}.png").write_bytes(png)
+    (src / "fresh.png").write_bytes(png)
+    with pytest.raises(InputError, match="shard"):
+        ingest_grown(str(src), tmp_path / "g", unlabeled_base)
+    failure = json.loads((tmp_path / "g" / "_parts" / "part-000001.failed.json").read_text())
+    assert taken in failure["message"] and not (tmp_path / "g" / "manifest.json").exists()
