@@ -217,3 +217,18 @@ def test_a_new_key_already_in_the_base_is_refused_naming_it(unlabeled_base, tmp_
         ingest_grown(str(src), tmp_path / "g", unlabeled_base)
     failure = json.loads((tmp_path / "g" / "_parts" / "part-000001.failed.json").read_text())
     assert taken in failure["message"] and not (tmp_path / "g" / "manifest.json").exists()
+
+
+def test_the_example_configs_growth_step_uncommented_submits_after_the_old_logits(tmp_path):
+    from pipeline.config import config_from_dict
+    from pipeline.submit import submit
+
+    lines = (REPO / "pipeline" / "configs" / "example-cluster.yaml").read_text().splitlines()
+    growth = ("  # data_v2", "  # logits_v2", "  #   ", "  #          ")
+    raw = yaml.safe_load("\n".join("  " + line[4:] if line.startswith(growth) else line for line in lines))
+    cfg = config_from_dict(raw, [f"run_dir={tmp_path / 'run'}"])
+    assert cfg.stages["logits_v2"].needs == ["data_v2", "logits", "teacher"]
+    jobs = {j.key: j for j in submit(cfg, dry_run=True, skip_complete=False)}
+    assert "logits:finalize" in jobs["logits_v2:tasks"].after
+    assert "--reuse" in jobs["logits_v2:finalize"].script.read_text()
+    assert "--base" in jobs["data_v2:tasks"].script.read_text()
