@@ -86,6 +86,7 @@ def test_the_grown_dataset_lists_the_base_shards_first_unchanged_then_the_new_on
     assert data.params["class_names"] == base.params["class_names"] and data.params["labeled"]
     for entry in data.files:  # every path stays inside the new folder
         assert Path(data.file_path(entry)).parent == data.folder
+    assert main(["verify", str(grown["data"])]) == 0
 
 
 def test_reuse_runs_the_teacher_on_the_new_shards_only_and_equals_a_from_scratch_run(grown):
@@ -100,6 +101,7 @@ def test_reuse_runs_the_teacher_on_the_new_shards_only_and_equals_a_from_scratch
                 for i in range(len(reused.files))]
     assert [r["extra"].get("reused_from", {}).get("part") for r in receipts] == [0, 1, 2, None, None]
     assert all(r["extra"]["reused_from"]["logits_id"] == old.id for r in receipts[:3])
+    assert main(["verify", str(grown["reused"])]) == 0
 
 
 def test_select_over_the_merged_logits_equals_select_over_from_scratch_logits(grown, tmp_path):
