@@ -8,7 +8,9 @@ and the decode failures), and one end-of-part record each with the shard's integ
 process restores shard order by position (``PartFeed``), so nothing downstream depends on the number of
 workers, on the loader batch or on the prefetch depth.
 
-Memory is bounded by ``workers * prefetch * loader_batch`` decoded images, never by a shard's size.
+Memory is bounded by ``workers * prefetch * loader_batch`` decoded images, never by a shard's size; except
+with multi-view mixup logits (``spec.mixup``), where each worker holds its shard's encoded images to decode
+mixup partners (and decodes every image of the shard once to learn which ones can be partners).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.errors import PartFailed
 from stages import imaging
 from stages.shardio import ShardStats, read_shard
-from stages.views import AugSpec, render_view, sample_views
+from stages.views import AugSpec, PartnerPool, render_view, sample_views
 
 log = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -124,6 +126,7 @@ class _ViewDecoder:
                     self.encoded[key] = data
                 except imaging.SampleError:
                     pass
+            self.pool = PartnerPool(self.encoded)
 
     def decode_into(self, batch: "_Batch", position: int, key: str, fields: dict) -> None:
         V, pp = self.spec.views, self.block.pp
@@ -134,7 +137,7 @@ class _ViewDecoder:
             for v in range(1, V):
                 batch.fail(position * V + v, key, SKIP)
             return
-        pool = None if self.encoded is None else list(self.encoded)
+        pool = None if self.encoded is None else self.pool
         for view in sample_views(self.spec, key, img.width, img.height, pool, pp=pp):
             partner = None
             if view.partner is not None:

@@ -17,6 +17,7 @@ single-view one, and selection can use view 0's score. See docs/views.md.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -241,7 +242,38 @@ class _Stream:
                 return math.exp(lx - total)
 
 
-def sample_views(spec: AugSpec, key: str, width: int, height: int, shard_keys: Sequence[str] | None = None,
+class PartnerPool:
+    """The shard's decodable keys, sorted once: the mixup partners of ``key`` are the pool without ``key``.
+
+    ``sample_views`` accepts a pool instead of a key list, so drawing a shard's views costs O(n log n) in
+    all instead of a sort per image.
+    """
+
+    def __init__(self, keys: Iterable[str]):
+        self.keys = tuple(sorted(set(keys)))
+
+    def others(self, key: str) -> Sequence[str]:
+        """``sorted(keys - {key})`` as a read-only sequence (no copy)."""
+        return _Without(self.keys, key)
+
+
+class _Without(Sequence):
+    """A sorted tuple with one key left out, indexed without copying."""
+
+    def __init__(self, keys: tuple, key: str):
+        self.keys = keys
+        i = bisect.bisect_left(keys, key)
+        self.gap = i if i < len(keys) and keys[i] == key else None
+
+    def __len__(self) -> int:
+        return len(self.keys) - (self.gap is not None)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        return self.keys[i + (self.gap is not None and i >= self.gap)]
+
+
+def sample_views(spec: AugSpec, key: str, width: int, height: int,
+                 shard_keys: Sequence[str] | PartnerPool | None = None,
                  *, pp: Preprocess) -> list[View]:
     """The ``spec.views`` views of image ``key`` (``width x height``), independent of any iteration order.
 
@@ -253,7 +285,12 @@ def sample_views(spec: AugSpec, key: str, width: int, height: int, shard_keys: S
     """
     if spec.mixup and shard_keys is None:
         raise InputError(f"{key}: mixup draws a partner within the shard; pass shard_keys")
-    others = sorted(set(shard_keys or ()) - {key}) if spec.mixup else []
+    if not spec.mixup:
+        others: Sequence[str] = []
+    elif isinstance(shard_keys, PartnerPool):
+        others = shard_keys.others(key)
+    else:
+        others = sorted(set(shard_keys or ()) - {key})
     centre = centre_box(width, height, pp)
     views = [View(0, _f32_box(centre))]
     for index in range(1, spec.views):
@@ -261,7 +298,8 @@ def sample_views(spec: AugSpec, key: str, width: int, height: int, shard_keys: S
     return views
 
 
-def _draw(spec: AugSpec, key: str, index: int, size: tuple[int, int], centre: tuple, others: list[str]) -> View:
+def _draw(spec: AugSpec, key: str, index: int, size: tuple[int, int], centre: tuple,
+          others: Sequence[str]) -> View:
     """View ``index`` (> 0): crop (centre box without rrc), flip, then mixup partner and lambda."""
     stream = _Stream("kdpipe-view", spec.version, spec.seed, key, index)
     width, height = size
@@ -357,9 +395,10 @@ def render_shard_views(samples: Iterable[tuple[str, bytes]], spec: AugSpec, pp: 
     for key, data in samples:
         if _decode_or_fail(key, data, max_pixels, on_failure) is not None:
             encoded[key] = data
+    pool = PartnerPool(encoded)
     for key, data in encoded.items():
         img = decode(data, max_pixels)
-        yield from _render_key(key, img, spec, pp, list(encoded), lambda k: decode(encoded[k], max_pixels))
+        yield from _render_key(key, img, spec, pp, pool, lambda k: decode(encoded[k], max_pixels))
 
 
 def _decode_or_fail(key: str, data: bytes, max_pixels: int, on_failure) -> Image.Image | None:

@@ -238,3 +238,14 @@ def test_nonfinite_logits_drop_all_of_an_images_views_and_count_it_once(tmp_path
     receipt = json.loads((tmp_path / "out" / "_parts" / "part-000000.json").read_text())
     assert receipt["rows"] == 0 and receipt["failures"] == {"nonfinite_logits": ["g000", "g001", "g002", "g003"]}
     assert mf.load(path).totals["failures"]["nonfinite_logits"] == 4
+
+
+def test_a_partner_pool_draws_the_same_views_as_the_key_list():
+    from stages.views import PartnerPool, sample_views
+
+    keys = [f"k{i:03d}" for i in range(40, 0, -1)]
+    spec = parse_aug("rrc:0.5-1,mixup:0.3", views=5, seed=1)
+    pool = PartnerPool(keys)
+    for key in keys[:10] + ["not-in-shard"]:
+        assert sample_views(spec, key, 30, 20, pool, pp=PP) == sample_views(spec, key, 30, 20, keys, pp=PP)
+    assert list(pool.others("k005")) == sorted(set(keys) - {"k005"})
