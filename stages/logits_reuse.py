@@ -26,7 +26,7 @@ from pipeline.errors import InputError, IntegrityError, KdpipeError
 from pipeline.parts import PartResult, PartStore, part_name, scan_folder
 from pipeline.signals import check_stop
 from stages.logits_format import META_KEY, read_metadata
-from stages.logits_reader import open_logits
+from stages.logits_reader import LogitsSet, open_logits
 from stages.logits_write import write_part
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 class Base:
     """Old logits to reuse and, per new shard index, the old part with the same shard bytes."""
 
-    manifest: mf.Manifest
+    logits: LogitsSet
     parts: dict[int, int]
     receipts: dict[int, dict]
+
+    manifest = property(lambda self: self.logits.manifest)
 
     def input_ref(self, out: Path) -> dict:
         """The new logits manifest's lineage entry for the old logits (role ``base``)."""
@@ -56,7 +58,8 @@ def load_base(reuse: str | Path, params: dict, data: mf.Manifest) -> Base:
     Raises:
         InputError: the old logits were made with other parameters.
     """
-    old = mf.load(reuse, kind="logits")
+    logits = open_logits(reuse)
+    old = logits.manifest
     differ = [k for k in sorted(set(old.params) | set(params))
               if k != "dataset_id" and old.params.get(k) != params.get(k)]
     if differ:
@@ -69,7 +72,7 @@ def load_base(reuse: str | Path, params: dict, data: mf.Manifest) -> Base:
              if (e["sha256"], int(e["samples"])) in by_input}
     log.info("--reuse %s: %d of %d shard(s) are unchanged; their logits are reused", old.path, len(parts),
              len(data.files))
-    return Base(old, parts, receipts)
+    return Base(logits, parts, receipts)
 
 
 def _old_receipts(old: mf.Manifest) -> dict[int, dict]:
@@ -88,15 +91,13 @@ def reuse_parts(base: Base, store: PartStore, block: range, data: mf.Manifest, p
 
     A part that cannot be reused is logged and left for the teacher (it is computed as usual).
     """
-    from stages.logits import part_metadata
-
     store.prepare()
     done = []
     for index in (i for i in block if i in base.parts):
         check_stop(f"{store.out_dir} before {part_name(index)}")
         if store.committed(index) is not None:
             continue
-        writer = _rewriter(base, base.parts[index], index, data.files[index], params, part_metadata)
+        writer = _rewriter(base, base.parts[index], index, data.files[index], params)
         try:
             store.commit(index, writer, task)
             done.append(index)
@@ -107,13 +108,15 @@ def reuse_parts(base: Base, store: PartStore, block: range, data: mf.Manifest, p
     return done
 
 
-def _rewriter(base: Base, old_index: int, index: int, entry: dict, params: dict, part_metadata):
+def _rewriter(base: Base, old_index: int, index: int, entry: dict, params: dict):
     """Writer of new part ``index``: old part ``old_index`` with the new shard number and dataset id."""
+    from stages.logits import part_metadata  # the stage's own metadata (stages.logits imports this module)
+
     old = base.manifest
 
     def write(tmp: Path) -> PartResult:
         receipt = base.receipts[old_index]
-        table = open_logits(old.path).read_part(old_index)
+        table = base.logits.read_part(old_index)
         expected = part_metadata({**params, "dataset_id": old.params["dataset_id"]}, old_index)
         if read_metadata(table.schema) != json.loads(json.dumps(expected)):
             raise IntegrityError(f"{old.folder / old.files[old_index]['path']}: its file metadata differs from "
