@@ -10,6 +10,10 @@ Every sample is accounted for: rows + failures (by reason, with keys, in the par
 sample count in the dataset manifest. A damaged shard fails its part only (the task goes on with the others
 and then raises ``PartFailed``). Parts are byte-identical across reruns, workers, loader batches and numbers
 of tasks (see ``stages.inference`` for the fixed compute batch).
+
+With ``aug`` (``--views V --aug SPEC``) every image gives V rows, one per recorded view (``stages.views``,
+docs/views.md): rows in shard order, views 0..V-1 per key, with the view columns of ``stages.views_format``;
+an image has V rows or none, and rows / V + failures = the shard's sample count.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ from stages.views import AugSpec, manifest_views
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "logits-1"
-VIEWS = {"count": 1, "policy": "centre", "aug": None}
 DEFAULT_COMPUTE_BATCH = 32
 DEFAULT_LOGIT_DTYPE = "float16"
 
