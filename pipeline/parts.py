@@ -87,16 +87,7 @@ class PartStore:
 
     def receipts(self) -> dict[int, dict]:
         """Every readable receipt in the folder, by part index (one scandir, one read each)."""
-        found: dict[int, dict] = {}
-        if not self.receipts_dir.is_dir():
-            return found
-        for entry in os.scandir(self.receipts_dir):
-            name = entry.name
-            if name.startswith("part-") and name.endswith(".json") and not name.endswith(".failed.json"):
-                receipt = _read_json(Path(entry.path))
-                if receipt is not None and isinstance(receipt.get("part"), int):
-                    found[receipt["part"]] = receipt
-        return found
+        return scan_folder(self.out_dir).receipts
 
     def check_fingerprint(self) -> None:
         """Raise ``FingerprintMismatch`` if any receipt was made with other parameters."""
@@ -110,7 +101,10 @@ class PartStore:
 
     def committed(self, index: int, verify: bool = True) -> dict | None:
         """The part's receipt if it is committed (receipt valid, file size and sha256 match), else None."""
-        receipt = _read_json(self.receipt_path(index))
+        return self.matching(index, _read_json(self.receipt_path(index)), verify)
+
+    def matching(self, index: int, receipt: dict | None, verify: bool = True) -> dict | None:
+        """``receipt`` (already read, e.g. from ``receipts()``) if it commits part ``index``, else None."""
         if receipt is None or receipt.get("fingerprint", {}).get("hash") != self.fp["hash"]:
             return None
         path = self.part_path(index)
@@ -207,7 +201,7 @@ class PartStore:
                             path, exc)
 
     def failures(self) -> dict[int, dict]:
-        """Failure records of parts that are not committed, by index."""
+        """Failure records of parts, by index (one scandir, reading only the failure records)."""
         out = {}
         if self.receipts_dir.is_dir():
             for entry in os.scandir(self.receipts_dir):

@@ -109,7 +109,7 @@ def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dic
         The manifest's path. A manifest already there with the same id is kept unchanged.
     """
     receipts = store.receipts()
-    missing = [i for i in range(num_parts) if store.committed(i, verify=False) is None]
+    missing = [i for i in range(num_parts) if store.matching(i, receipts.get(i), verify=False) is None]
     if missing:
         shown = ", ".join(part_name(i) for i in missing[:10])
         raise ManifestError(f"{store.out_dir}: cannot finalize, {len(missing)} of {num_parts} parts are not "
