@@ -58,12 +58,12 @@ def _open_lineage_logits(selection: mf.Manifest) -> LogitsSet:
     return logits
 
 
-def resolve_lineage(selection_path: str | Path, data: str | Path | None = None,
+def resolve_lineage(selection_path: str | Path | mf.Manifest, data: str | Path | None = None,
                     need_logits: bool = True) -> Lineage:
     """Load the selection, its logits and its dataset (``data`` overrides the lineage), and check the ids.
 
     Args:
-        selection_path: the selection manifest (file or folder).
+        selection_path: the selection manifest (file or folder, or already loaded).
         data: the source dataset manifest; default: the logits manifest's input of role ``data``.
         need_logits: the logits must be found (the selection lacks soft-target columns); otherwise, with
             ``data`` given, a selection whose logits cannot be found is checked against its ``dataset_id``.
@@ -71,7 +71,8 @@ def resolve_lineage(selection_path: str | Path, data: str | Path | None = None,
     Raises:
         ManifestError: a manifest is missing, or the dataset is not the one the logits were made from.
     """
-    selection = mf.load(selection_path, kind="selection")
+    selection = (selection_path if isinstance(selection_path, mf.Manifest)
+                 else mf.load(selection_path, kind="selection"))
     try:
         logits = _open_lineage_logits(selection)
     except ManifestError as exc:

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import manifest as mf
-from pipeline.atomic import write_atomic
-from pipeline.errors import InputError, KdpipeError
+from pipeline.errors import KdpipeError
 from stages.imaging import Preprocess, SampleError, centre_box, decode, find_image, render
+from stages.reshard_inputs import resolve_lineage
 from stages.shardio import ShardStats, read_shard
 
 log = logging.getLogger(__name__)
@@ -27,30 +27,13 @@ THUMB = Preprocess(size=64, crop_fraction=1.0)
 
 def find_dataset(selection: mf.Manifest, dataset: str | Path | None) -> mf.Manifest | None:
     """The dataset behind ``selection``: ``dataset`` if given (its id must match), else via the lineage."""
-    expected = selection.params.get("dataset_id")
-    if dataset is not None:
-        found = mf.load(dataset, kind="dataset")
-        if expected and found.id != expected:
-            raise InputError(f"{found.path}: dataset id {found.id[:12]} is not the selection's logits dataset "
-                             f"{expected[:12]}; pass the dataset the logits were computed on")
-        return found
     try:
-        logits = _input(selection, "logits")
-        return _input(logits, "data") if logits is not None else None
+        return resolve_lineage(selection, dataset, need_logits=False).dataset
     except KdpipeError as exc:
+        if dataset is not None:
+            raise
         log.warning("gallery skipped: the dataset is not reachable through the lineage (%s); pass --dataset", exc)
         return None
-
-
-def _input(manifest: mf.Manifest, role: str) -> mf.Manifest | None:
-    for ref in manifest.inputs:
-        if ref.get("role") == role and ref.get("path"):
-            found = mf.load(manifest.folder / ref["path"])
-            if found.id != ref["id"]:
-                raise InputError(f"{found.path}: id differs from the one {manifest.path} was made from")
-            return found
-    log.warning("gallery skipped: %s names no %r input with a path; pass --dataset", manifest.path, role)
-    return None
 
 
 def pick(table: pa.Table, per_class: int) -> dict[int, tuple[list[int], list[int]]]:
@@ -65,26 +48,25 @@ def pick(table: pa.Table, per_class: int) -> dict[int, tuple[list[int], list[int
     return out
 
 
-def write_gallery(selection: mf.Manifest, table: pa.Table, folder: Path, per_class: int,
-                  dataset: str | Path | None = None) -> list[str]:
-    """Write ``gallery/class-<label>.png`` per selected class; return their paths relative to ``folder``."""
+def gallery_files(selection: mf.Manifest, table: pa.Table, per_class: int,
+                  dataset: str | Path | None = None) -> dict[str, bytes]:
+    """The PNG of each selected class, by its path in the report: ``gallery/class-<label>.png``."""
     data = find_dataset(selection, dataset)
     if data is None:
-        return []
+        return {}
     picks = pick(table, per_class)
     wanted = {int(i) for top, last in picks.values() for i in top + last}
     keys = table.column("key").to_pylist()
     shards = table.column("shard").to_numpy()
     thumbs = fetch_thumbnails(data, {keys[i]: int(shards[i]) for i in wanted})
     scores = table.column("score").to_numpy()
-    names = []
+    files = {}
     for label, (top, last) in sorted(picks.items()):
         name = f"gallery/class-{label:05d}.png"
         title = f"class {selection.params['class_names'][label]}: top {len(top)} / last {len(last)} admitted"
         panels = [[(keys[i], scores[i], thumbs.get(keys[i])) for i in row] for row in (top, last)]
-        write_atomic(folder / name, _grid_png(title, panels))
-        names.append(name)
-    return names
+        files[name] = _grid_png(title, panels)
+    return files
 
 
 def fetch_thumbnails(data: mf.Manifest, wanted: dict[str, int]) -> dict[str, np.ndarray | None]:

@@ -17,8 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from pipeline.atomic import write_atomic
-from pipeline.hashing import sha256_file
+from stages.eval_report import publish_report
 
 log = logging.getLogger(__name__)
 REPORT_DIR = "report"
@@ -45,14 +44,14 @@ def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
     summary, rows = summarize(table, selection.params, stats)
     files = {"selection_report.json": json.dumps(summary, indent=1, sort_keys=True).encode() + b"\n",
              "per_class.csv": _csv(rows), "counts.png": _counts_png(rows), "scores.png": _scores_png(table, rows)}
-    for name, body in files.items():
-        write_atomic(folder / name, body)
-    names = list(files)
     if gallery > 0:
-        from stages.select_gallery import write_gallery
+        from stages.select_gallery import gallery_files
 
-        names += write_gallery(selection, table, folder, gallery, dataset)
-    return _write_manifest(selection, folder, names, summary)
+        files.update(gallery_files(selection, table, gallery, dataset))
+    return publish_report(folder, files, stage="select-report",
+                          params={"of": "selection", "selection_id": selection.id},
+                          totals={"rows": summary["rows"], "classes": len(summary["per_class"])},
+                          inputs=[mf.input_ref(selection, folder, "selection")])
 
 
 def _read_selection(selection: mf.Manifest) -> pa.Table:
@@ -157,12 +156,3 @@ def _scores_png(table: pa.Table, rows: list[dict], panels: int = 15) -> bytes:
     fig.suptitle("score p(label|x) of selected images")
     fig.subplots_adjust(hspace=0.6, wspace=0.3)
     return _figure_bytes(fig)
-
-
-def _write_manifest(selection: mf.Manifest, folder: Path, names: list[str], summary: dict) -> Path:
-    files = [{"path": name, "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-             for name in names]
-    data = mf.build("report", stage="select-report", params={"of": "selection", "selection_id": selection.id},
-                    files=files, inputs=[mf.input_ref(selection, folder, "selection")],
-                    totals={"rows": summary["rows"], "classes": len(summary["per_class"])})
-    return mf.write(data, folder)
