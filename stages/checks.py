@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from stages.dedup import check_exclusion_part
 from stages.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, index_type, read_metadata
+from stages.logits_reader import AGREEING, row_faults
 from stages.select_output import check_selection_part
 
 _BATCH_ROWS = 65536
-_AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
 _MAX_PROBLEMS = 5
 
 
@@ -69,7 +69,7 @@ def _meta_problems(where: Path, handle: pq.ParquetFile, params: dict) -> list[st
     if meta.get("schema_version") != SCHEMA_VERSION:
         return [f"{where}: metadata schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"]
     return [f"{where}: metadata {k}={meta.get(k)!r}, the manifest says {params.get(k)!r}"
-            for k in _AGREEING if meta.get(k) != params.get(k)]
+            for k in AGREEING if meta.get(k) != params.get(k)]
 
 
 def _row_problems(where: Path, handle: pq.ParquetFile, params: dict, shard: int) -> list[str]:
@@ -95,12 +95,12 @@ def _batch_problems(batch, params: dict, shard: int, seen: set[str], offset: int
     top = logit[:, 0] / temperature
     slack = 1e-3 * (1.0 + np.abs(top))  # float16 storage rounds z by up to ~5e-4 relative
     rows = lambda mask: ", ".join(f"{offset + int(i)} ({keys[int(i)]})" for i in np.flatnonzero(mask)[:3])
+    outside, unsorted = row_faults(index, logit, classes)  # the reader's own row checks
     checks = [
         (shards != shard, f"shard column differs from the part's shard index {shard}"),
-        (((index < 0) | (index >= classes)).any(axis=1), f"class ids outside [0, {classes})"),
+        outside,
         ((np.diff(np.sort(index, axis=1), axis=1) == 0).any(axis=1), "a class id repeated within a row"),
-        ((np.diff(logit, axis=1) > 0).any(axis=1) | ~np.isfinite(logit).all(axis=1),
-         "top-K logits not finite or not sorted descending"),
+        unsorted,
         (~np.isfinite(lse) | (lse < top - slack), "lse not finite or below max(z)/T"),
         (np.exp(logit / temperature - lse[:, None]).sum(axis=1) > np.exp(slack) * (1.0 + 1e-3),
          "softened top-K sums above 1"),

@@ -27,8 +27,8 @@ from pipeline.errors import IntegrityError, ManifestError
 from pipeline.hashing import sha256_file
 from stages.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, read_metadata
 
-# Parquet metadata keys that must equal the manifest's params in every part.
-_AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
+# Parquet metadata keys that must equal the manifest's params in every part (also ``kdpipe verify``'s check).
+AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
 _CHECKED = ("key", "topk_index", "topk_logit")  # read with every request so that rows can be checked
 
 
@@ -79,7 +79,7 @@ class LogitsSet:
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise ManifestError(f"{path}: logits schema_version {meta.get('schema_version')!r}, "
                                 f"this kdpipe reads {SCHEMA_VERSION}")
-        for key in _AGREEING:
+        for key in AGREEING:
             if key in meta and meta[key] != self.params[key]:
                 raise ManifestError(f"{path}: metadata {key}={meta[key]!r} but {self.manifest.path} says "
                                     f"{self.params[key]!r}; parts of different runs are never mixed")
@@ -90,13 +90,13 @@ class LogitsSet:
                      parts: Iterable[int] | None = None, verify: bool = True) -> Iterator[pa.RecordBatch]:
         """Stream record batches of the given ``parts`` (default: all, in order), rows checked."""
         for index in range(self.num_parts) if parts is None else parts:
-            handle = self.open_part(index, verify=verify)
+            handle, path = self.open_part(index, verify=verify), self.part_path(index)
             wanted, read = _columns(handle.schema_arrow.names, columns)
             keys = []
             for batch in handle.iter_batches(batch_size=batch_rows, columns=read):
-                keys.append(check_rows(self.part_path(index), batch, self.num_classes, self.topk))
+                keys.append(check_rows(path, batch, self.num_classes, self.topk))
                 yield batch.select(wanted)
-            check_unique_keys(self.part_path(index), keys)
+            check_unique_keys(path, keys)
 
     def read_part(self, index: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         """One whole part as a table (a part is bounded by its shard's size), rows checked."""
@@ -123,14 +123,20 @@ def check_rows(path: Path, rows: pa.RecordBatch | pa.Table, num_classes: int, to
     """
     index = fixed_list_to_numpy(rows.column("topk_index"), topk)
     logit = fixed_list_to_numpy(rows.column("topk_logit"), topk).astype(np.float32)
-    bad = ((index < 0) | (index >= num_classes)).any(axis=1)
-    _refuse_rows(path, rows, bad, f"class ids outside [0, {num_classes})")
-    bad = (np.diff(logit, axis=1) > 0).any(axis=1) | ~np.isfinite(logit).all(axis=1)
-    _refuse_rows(path, rows, bad, "top-K logits not finite or not sorted descending")
+    for bad, what in row_faults(index, logit, num_classes):
+        _refuse_rows(path, rows, bad, what)
     keys = rows.column("key")
     if "view" in rows.schema.names:
         keys = keys.filter(pc.equal(rows.column("view"), 0))
     return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def row_faults(index: np.ndarray, logit: np.ndarray, num_classes: int) -> list[tuple[np.ndarray, str]]:
+    """Rows no producer may write, as (mask over rows, what is wrong): class ids outside [0, C), then top-K
+    logits not finite or not sorted descending. The reader refuses them; ``kdpipe verify`` lists them."""
+    return [(((index < 0) | (index >= num_classes)).any(axis=1), f"class ids outside [0, {num_classes})"),
+            ((np.diff(logit, axis=1) > 0).any(axis=1) | ~np.isfinite(logit).all(axis=1),
+             "top-K logits not finite or not sorted descending")]
 
 
 def _refuse_rows(path: Path, rows, bad: np.ndarray, what: str) -> None:
