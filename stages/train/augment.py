@@ -10,12 +10,12 @@ teacher views) from the key alone. Evaluation uses ``stages.imaging.centre_box``
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from stages.imaging import Preprocess, centre_box
+from stages.views import Box, rrc_try
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,6 @@ class AugmentSpec:
         return asdict(self)
 
 
-Box = tuple[float, float, float, float]
-
-
 def view_rng(seed: int, epoch: int, key: str, occurrence: int = 0) -> np.random.Generator:
     """The RNG of one sample's view: a function of (seed, epoch, occurrence, key) only."""
     digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
@@ -50,7 +47,8 @@ def view_rng(seed: int, epoch: int, key: str, occurrence: int = 0) -> np.random.
 
 
 def random_resized_box(width: int, height: int, rng: np.random.Generator, spec: AugmentSpec) -> Box:
-    """A crop box covering ``scale`` of the area with aspect ``ratio`` (log-uniform), else the whole image.
+    """``stages.views.rrc_try`` drawn from ``rng`` (``rng.uniform(lo, hi)`` is ``lo + (hi - lo) * rng.random()``
+    bit for bit, so these are exactly the boxes of drawing with ``rng.uniform``), else the whole image.
 
     Args:
         width: image width in pixels.
@@ -58,16 +56,8 @@ def random_resized_box(width: int, height: int, rng: np.random.Generator, spec: 
         rng: the sample's view RNG.
         spec: scale and ratio ranges.
     """
-    area = float(width * height)
-    log_lo, log_hi = math.log(spec.ratio_min), math.log(spec.ratio_max)
-    for _ in range(10):
-        target = area * rng.uniform(spec.scale_min, spec.scale_max)
-        ratio = math.exp(rng.uniform(log_lo, log_hi))
-        w, h = math.sqrt(target * ratio), math.sqrt(target / ratio)
-        if w <= width and h <= height:
-            left, top = rng.uniform(0.0, width - w), rng.uniform(0.0, height - h)
-            return (float(left), float(top), float(left + w), float(top + h))
-    return (0.0, 0.0, float(width), float(height))
+    box = rrc_try(rng.random, width, height, (spec.scale_min, spec.scale_max), (spec.ratio_min, spec.ratio_max))
+    return (0.0, 0.0, float(width), float(height)) if box is None else box
 
 
 def draw_view(width: int, height: int, rng: np.random.Generator, spec: AugmentSpec) -> tuple[Box, bool]:
