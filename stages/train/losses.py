@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.logits_format import RESIDUAL_POLICIES
+
 LOSSES = ("hard", "soft", "mix")
-RESIDUAL_POLICIES = ("exact", "renorm")
 
 
 def teacher_distribution(topk_index: torch.Tensor, topk_logit: torch.Tensor, lse: torch.Tensor,
