@@ -59,6 +59,7 @@ def make_dataset(out: Path, images: int, shard_size: int) -> Path:
 
     from pipeline import manifest as mf
     from pipeline.hashing import sha256_file
+    from pipeline.parts import part_name
     from stages.shardio import write_shard
 
     rng = np.random.default_rng(0)
@@ -70,7 +71,7 @@ def make_dataset(out: Path, images: int, shard_size: int) -> Path:
             buffer = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
             samples.append({"__key__": f"img-{i:07d}", "png": buffer.getvalue()})
-        path = out / f"part-{shard:06d}.tar"
+        path = out / f"{part_name(shard)}.tar"
         write_shard(path, iter(samples))
         files.append({"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
                       "samples": len(samples)})

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from stages import imaging
-from stages.models import classifier_head, features_and_logits
+from stages.models import features_and_logits
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,6 @@ class Engine:
             self.forward_fn = torch.compile(self.forward_fn)
         elif compile_model:
             log.info("--compile is used on CUDA only; running eagerly on %s", device)
-
-    @property
-    def embedding_dim(self) -> int | None:
-        """Width of the penultimate features (the classifier head's input), when embeddings are on."""
-        return classifier_head(self.model).in_features if self.embeddings else None
 
     def run(self, pixels: torch.Tensor) -> Outputs:
         """Top-K, lse, finiteness (and embeddings) for up to ``compute_batch`` NHWC uint8 images."""

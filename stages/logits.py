@@ -109,7 +109,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
     setup = prepare(data_manifest, card, out, topk=topk, temperature=temperature, batch_size=batch_size,
                     embeddings=embeddings, logit_dtype=logit_dtype, device=device, compile_model=compile_model,
                     gpu_decode=gpu_decode, aug=aug)
-    store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
+    store = _store(setup)
     block = plan_block(task_index, num_tasks, len(setup.data.files))
     base = None if reuse is None else load_base(reuse, setup.params, setup.data)
     if base is not None:
@@ -123,6 +123,11 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
                          "the other parts are committed. Fix the input shards, then rerun this task "
                          "(add --retry-failed for parts that were given up)", "parts_failed")
     return finalize_logits(setup, store, base) if finalize else None
+
+
+def _store(setup: Setup) -> PartStore:
+    """The logits folder's part store, fingerprinted by the stage's params and code version."""
+    return PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
 
 
 def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int, temperature: float,
@@ -331,7 +336,7 @@ def finalize_only(data_manifest: str | Path, card: str | Path, out: str | Path, 
     keys = ("topk", "temperature", "batch_size", "embeddings", "logit_dtype", "device", "compile_model",
             "gpu_decode", "aug")
     setup = prepare(data_manifest, card, out, **{k: options[k] for k in keys if k in options})
-    store = PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
+    store = _store(setup)
     store.check_fingerprint()
     reuse = options.get("reuse")
     return finalize_logits(setup, store, None if reuse is None else load_base(reuse, setup.params, setup.data))
