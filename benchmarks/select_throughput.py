@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import manifest as mf  # noqa: E402
 from pipeline.parts import PartResult, PartStore, fingerprint  # noqa: E402
 from pipeline.tasks import file_entries, finalize, run_parts  # noqa: E402
+from pipeline.verify import parquet_rows  # noqa: E402
 from stages.imaging import Preprocess  # noqa: E402
 from stages.logits_format import SCHEMA_VERSION, arrow_schema  # noqa: E402
 
@@ -57,12 +58,12 @@ def synthetic_part(rng: np.random.Generator, part: int, rows: int, meta: dict) -
                      "lse": pa.array(lse)}, schema=schema)
 
 
-def write_parts(folder: Path, num_parts: int, part_rows: int) -> None:
+def write_parts(folder: Path, num_parts: int, part_rows: int) -> tuple[PartStore, dict]:
     """The synthetic parts (each through ``PartStore.commit``; existing ones are kept)."""
     meta = {"schema_version": SCHEMA_VERSION, "temperature": T, "topk": K, "num_classes": C,
             "teacher_id": "b" * 64, "dataset_id": "c" * 64}
     store = PartStore(folder, ".parquet", fingerprint("bench-logits", {**meta, "rows": part_rows}, "bench-1"),
-                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+                      parquet_rows)
 
     def produce(index: int) -> dict:
         table = synthetic_part(np.random.default_rng(index), index, part_rows, meta)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.tasks import file_entries, finalize, run_parts
+from pipeline.verify import parquet_rows
 from stages.imaging import Preprocess
 from stages.logits_format import SCHEMA_VERSION, arrow_schema
 
@@ -66,7 +67,7 @@ def make_logits(out: Path, shards: list[tuple[list[str], np.ndarray]], *, topk: 
     meta = {"schema_version": SCHEMA_VERSION, "temperature": temperature, "topk": topk,
             "num_classes": num_classes, "teacher_id": teacher_id, "dataset_id": dataset_id}
     store = PartStore(Path(out), ".parquet", fingerprint("logits-factory", meta, "factory-1"),
-                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+                      parquet_rows)
 
     def produce(index: int) -> dict:
         keys, logits = shards[index]
@@ -158,7 +159,7 @@ def _write_selection(out: Path, logits, rows: list[dict], per_class: int, soft_t
               "class_names": logits.class_names, "temperature": logits.temperature, "topk": logits.topk,
               "per_class": per_class, "top_p": 1, "soft_targets": soft_targets}
     store = PartStore(out, ".parquet", fingerprint("select-factory", params, "factory-1"),
-                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+                      parquet_rows)
 
     def write(tmp: Path) -> PartResult:
         pq.write_table(table, tmp)
@@ -194,7 +195,7 @@ def make_multiview_logits(out: Path, data: Path, teacher: Path, spec, *, topk: i
     meta = {"schema_version": SCHEMA_VERSION, "temperature": temperature, "topk": topk,
             "num_classes": len(names), "teacher_id": card.id, "dataset_id": dataset.id}
     store = PartStore(Path(out), ".parquet", fingerprint("logits-factory-views", {**meta, "aug": spec.to_dict()},
-                                                         "factory-1"), lambda p: pq.ParquetFile(p).metadata.num_rows)
+                                                         "factory-1"), parquet_rows)
 
     def produce(index: int) -> dict:
         entry = dataset.files[index]
@@ -241,7 +242,7 @@ def make_exclusion(out: Path, keys: list[str], reason: str = "near_duplicate", t
                       "matched_key": pa.array(["" for _ in keys], pa.string()),
                       "similarity": pa.array(np.ones(len(keys), np.float32))})
     store = PartStore(Path(out), ".parquet", fingerprint("exclusion-factory", {"keys": keys}, "factory-1"),
-                      lambda p: pq.ParquetFile(p).metadata.num_rows)
+                      parquet_rows)
 
     def write(tmp: Path) -> PartResult:
         pq.write_table(table, tmp)
