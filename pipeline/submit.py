@@ -103,12 +103,9 @@ def _resource_lines(s: dict, role: str) -> list[str]:
 
 def launch_line(config: Config, stage: Stage, role: str) -> str:
     """The shell command that runs kdpipe in the job (every word shell-quoted)."""
-    if role == "finalize":
-        return shlex.join([config.python, "-m", stage.entry, *stage_argv(stage, stage.finalize_args)])
-    if role == "tasks":
-        return shlex.join([config.python, "-m", stage.entry, *stage_argv(stage, stage.task_args)])
-    if role == "single":
-        return shlex.join([config.python, "-m", stage.entry, *stage_argv(stage)])
+    extra = {"finalize": stage.finalize_args, "tasks": stage.task_args, "single": []}
+    if role in extra:
+        return shlex.join([config.python, "-m", stage.entry, *stage_argv(stage, extra[role])])
     nproc = max(1, int(stage.slurm.get("gpus") or 0))
     port = int(stage.slurm.get("master_port", 29500))
     head = 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
@@ -120,8 +117,12 @@ def launch_line(config: Config, stage: Stage, role: str) -> str:
 
 def render(config: Config, stage: Stage, role: str) -> str:
     """The full sbatch script of one job of ``stage``."""
-    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(stage_env(config, stage).items())
-               if _check_env_key(k)]
+    env = stage_env(config, stage)
+    bad = sorted(k for k in env if not _SAFE_ENV_KEY.fullmatch(k))
+    if bad:
+        raise InputError(f"{config.source or 'config'}: stage {stage.name}: env variable name {bad[0]!r} is not a "
+                         "valid shell identifier (letters, digits, _; no leading digit); rename it in env")
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
     values = {
         "role": role, "stage": stage.name, "config_name": config.name, "config_hash": config.hash[:12],
         "directives": "\n".join(directives(config, stage, role)),
@@ -131,12 +132,6 @@ def render(config: Config, stage: Stage, role: str) -> str:
     }
     template = resources.files("pipeline").joinpath("templates/job.sbatch").read_text()
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
-
-
-def _check_env_key(key: str) -> bool:
-    if not _SAFE_ENV_KEY.fullmatch(key):
-        raise InputError(f"env variable name {key!r} is not a valid shell identifier")
-    return True
 
 
 def plan_jobs(config: Config, stages: list[Stage]) -> list[Job]:
@@ -232,12 +227,17 @@ def submit(config: Config, names: list[str] | None = None, *, dry_run: bool = Fa
         skip_complete: leave out stages whose manifests exist and verify.
         runner: runs an sbatch argv and returns its stdout (tests; default ``subprocess``).
     """
-    stages = config.select(names)
-    if skip_complete:
-        from pipeline.run import content_checks, stage_problems
-        checks = content_checks()
-        stages = [s for s in stages if not s.outputs or stage_problems(s, checks)]
-    _check_needs(config, stages)
+    from pipeline.run import content_checks, stage_problems
+    checks = content_checks()
+    complete: dict[str, bool] = {}  # verified once per stage: a check re-hashes every file of the stage
+
+    def is_complete(stage: Stage) -> bool:
+        if stage.name not in complete:
+            complete[stage.name] = bool(stage.outputs) and not stage_problems(stage, checks)
+        return complete[stage.name]
+
+    stages = [s for s in config.select(names) if not (skip_complete and is_complete(s))]
+    _check_needs(config, stages, is_complete)
     jobs = plan_jobs(config, stages)
     write_scripts(config, stages, jobs)
     if not dry_run and jobs:
@@ -246,12 +246,11 @@ def submit(config: Config, names: list[str] | None = None, *, dry_run: bool = Fa
     return jobs
 
 
-def _check_needs(config: Config, stages: list[Stage]) -> None:
+def _check_needs(config: Config, stages: list[Stage], is_complete: Callable[[Stage], bool]) -> None:
     """Refuse a stage whose needed stage is neither complete nor submitted with it."""
-    from pipeline.run import stage_problems
     chosen = {s.name for s in stages}
     for stage in stages:
         for need in stage.needs:
-            if need not in chosen and stage_problems(config.stages[need]):
+            if need not in chosen and not is_complete(config.stages[need]):
                 raise InputError(f"stage {stage.name} needs {need}, which is not complete and not submitted "
                                  f"now; add it to --stages or run it first")
