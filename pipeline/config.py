@@ -29,6 +29,8 @@ import yaml
 from pipeline.atomic import write_atomic
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
+from pipeline.manifest import MANIFEST_NAME
+from pipeline.signals import STOP_MODE_ENV
 
 CONFIG_HASH_ENV = "KDPIPE_CONFIG_HASH"
 CONFIG_DIR = "_config"
@@ -66,7 +68,7 @@ class Stage:
     @property
     def manifests(self) -> list[Path]:
         """The manifest files that exist when the stage is complete (none for a stage without output)."""
-        return [folder / "manifest.json" for folder in self.outputs]
+        return [folder / MANIFEST_NAME for folder in self.outputs]
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def _absolute(value: str, base: Path) -> Path:
 
 
 def _env(env: dict) -> dict[str, str]:
-    return {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in env.items()}
+    return {k: _arg_text(v) for k, v in env.items()}
 
 
 def _default_python() -> str:
@@ -273,7 +275,7 @@ def stage_argv(stage: Stage, extra: Iterable[str] = ()) -> list[str]:
 
 def stage_env(config: Config, stage: Stage) -> dict[str, str]:
     """Variables every process of ``stage`` gets: the config's and stage's env, the config hash, stop mode."""
-    return {**stage.env, CONFIG_HASH_ENV: config.hash, "KDPIPE_STOP_MODE": stage.stop}
+    return {**stage.env, CONFIG_HASH_ENV: config.hash, STOP_MODE_ENV: stage.stop}
 
 
 def resolved_document(config: Config) -> bytes:

@@ -19,7 +19,7 @@ from typing import Callable
 from pipeline import manifest as mf
 from pipeline.config import RESOLVED_NAME, Config, Stage, load_config, load_resolved
 from pipeline.errors import KdpipeError
-from pipeline.parts import RECEIPTS, scan_folder
+from pipeline.parts import RECEIPTS, part_name, scan_folder
 from pipeline.submit import load_submissions
 
 Runner = Callable[[list[str]], str]
@@ -161,7 +161,7 @@ def format_table(statuses: list[StageStatus]) -> str:
             lines.append(f"{stage.name:<14} {stage.state:<12} {parts:>11}  {folder.manifest:<9} "
                          f"{(folder.manifest_id or '')[:12]:<12} {folder.path}")
             for index, fail in folder.failed.items():
-                lines.append(f"    part-{index:06d} FAILED x{fail.get('attempts')} "
+                lines.append(f"    {part_name(index)} FAILED x{fail.get('attempts')} "
                              f"({fail.get('reason')}): {fail.get('message')}")
             lines += [f"    problem: {p}" for p in folder.problems[:5]]
         for job in stage.jobs:
