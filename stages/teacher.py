@@ -85,11 +85,14 @@ def import_teacher(weights: str | Path, out: str | Path, *, arch: str, class_nam
                          f"{' '.join(str(exc).splitlines()[:3])}") from None
     metrics, inputs = {}, []
     if eval_data is not None:
-        result = accuracy(model.to(device), eval_data, preprocess, device=device)
+        manifest = mf.load(eval_data, kind="dataset")
+        result = accuracy(model.to(device), manifest, preprocess, device=device)
         metrics = {"top1": result["top1"], "eval_samples": result["samples"],
                    "eval_manifest_id": result["manifest_id"]}
-        inputs = [mf.input_ref(mf.load(eval_data), out, "eval")]
-    extra = {"imported_from": {"file": Path(weights).name, "sha256": sha256_file(weights)}}
+        inputs = [mf.input_ref(manifest, out, "eval")]
+    # a pinned digest was checked against the file by load_state_dict: do not hash it twice
+    digest = weights_sha256.lower() if weights_sha256 is not None else sha256_file(weights)
+    extra = {"imported_from": {"file": Path(weights).name, "sha256": digest}}
     return write_card(out, model.cpu(), arch=arch, class_names=class_names, preprocess=preprocess,
                       stage="teacher-import", inputs=inputs, metrics=metrics, extra=extra, kind="teacher")
 
