@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.atomic import publish, staged, write_atomic
+from pipeline.atomic import write_atomic
 
 METRICS = "metrics.jsonl"
 CURVE = "loss_curve.png"
@@ -22,13 +22,13 @@ def write_metrics(out: Path, history: list[dict]) -> Path:
 
 
 def plot_losses(out: Path, losses: list[list[float]], history: list[dict], title: str) -> Path:
-    """``loss_curve.png``: the logged step losses and the per-epoch mean (matplotlib, Agg backend)."""
-    import matplotlib
+    """``loss_curve.png``: the logged step losses and the per-epoch mean (``eval_report.png_bytes``)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stages.eval_report import png_bytes
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
     if losses:
         ax.plot([s for s, _ in losses], [v for _, v in losses], lw=0.8, alpha=0.6, label="step loss (rank 0)")
     ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], "o-", label="epoch mean")
@@ -38,8 +38,5 @@ def plot_losses(out: Path, losses: list[list[float]], history: list[dict], title
     ax.legend()
     fig.tight_layout()
     final = Path(out) / CURVE
-    with staged(final) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    publish(tmp, final)
+    write_atomic(final, png_bytes(fig))
     return final
