@@ -252,7 +252,7 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     if shard_size < 1 or shard_bytes < 1:
         raise InputError(f"--shard-size and --shard-bytes must be >= 1 (got {shard_size}, {shard_bytes})")
     rows = SelectionRows(mf.load(selection, kind="selection"))
-    lineage = resolve_lineage(selection, data, need_logits=not rows.has_targets)
+    lineage = resolve_lineage(rows.manifest, data, need_logits=not rows.has_targets)
     plan = plan_for(lineage, rows, shard_size, shard_bytes)
     params = _fingerprint_params(lineage, shard_size, shard_bytes, seed, decode_check)
     out = Path(out)
