@@ -63,8 +63,7 @@ def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = 
     params = {"threshold": threshold, "neighbors": neighbors, "metric": "cosine", "index": "flat",
               "query_id": pool.id, "reference_id": ref.id if ref else None, "teacher_id": pool.teacher_id}
     store = PartStore(Path(out), ".parquet", fingerprint("dedup", params, CODE_VERSION), parquet_rows)
-    counts: dict[str, int] = {}
-    write = lambda tmp: _write(tmp, pool, ref, threshold, neighbors, batch_rows, counts)
+    write = lambda tmp: _write(tmp, pool, ref, threshold, neighbors, batch_rows)
     report = run_parts(store, [0], lambda index: store.commit(index, write), desc="dedup")
     if report.exit_code:
         raise InputError(f"{out}: dedup failed: {report.failed or report.given_up}")
@@ -115,7 +114,7 @@ def flat_index(matrix: np.ndarray):
 
 
 def _write(tmp: Path, pool: LogitsSet, ref: LogitsSet | None, threshold: float, neighbors: int,
-           batch_rows: int, counts: dict) -> PartResult:
+           batch_rows: int) -> PartResult:
     keys, matrix = load_embeddings(pool, batch_rows)
     contaminated = contamination(matrix, ref, threshold, batch_rows) if ref else _none(len(keys))
     rows, cols, _ = near_pairs(matrix, threshold, neighbors, batch_rows)
@@ -124,7 +123,6 @@ def _write(tmp: Path, pool: LogitsSet, ref: LogitsSet | None, threshold: float, 
     write_parquet(table, tmp)
     reasons = table.column("reason").to_pylist()
     extra = {reason: reasons.count(reason) for reason in REASONS}
-    counts.update(extra)
     log.info("dedup: %d query images, %d contaminated, %d near-duplicates", len(keys), extra["contaminated"],
              extra["near_duplicate"])
     return PartResult(expected_rows=table.num_rows, extra=extra)
