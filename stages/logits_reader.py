@@ -84,7 +84,8 @@ class LogitsSet:
                 raise ManifestError(f"{path}: metadata {key}={meta[key]!r} but {self.manifest.path} says "
                                     f"{self.params[key]!r}; parts of different runs are never mixed")
         if rows != entry.get("rows"):
-            raise IntegrityError(f"{path}: {rows} rows, the manifest says {entry.get('rows')}")
+            raise IntegrityError(f"{path}: {rows} rows, {self.manifest.path} says {entry.get('rows')}; the part or "
+                                 "its manifest was written wrong: recompute it (`kdpipe verify` lists every damaged part)")
 
     def iter_batches(self, columns: list[str] | None = None, batch_rows: int = 65536,
                      parts: Iterable[int] | None = None, verify: bool = True) -> Iterator[pa.RecordBatch]:
