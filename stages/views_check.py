@@ -25,7 +25,7 @@ from stages.logits_format import fixed_list_to_numpy
 from stages.logits_reader import LogitsSet, open_logits
 from stages.shardio import ShardStats, read_shard
 from stages.teacher_card import load_classifier
-from stages.views import AugSpec, View, render_view, sample_views
+from stages.views import AugSpec, PartnerPool, View, render_view, sample_views
 from stages.views_format import is_multiview, views_from_table
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ def check_views(logits: str | Path, sample: int, *, data: str | Path | None = No
     pp = Preprocess.from_dict(logits_set.params["preprocess"])
     report = CheckReport()
     for part, rows in _pick_rows(logits_set, sample, seed).items():
-        table = logits_set.read_part(part).take(rows)
-        shard_keys = logits_set.read_part(part, columns=["key"]).column("key").unique().to_pylist()
-        images = _shard_images(dataset, int(table.column("shard")[0].as_py()), table, shard_keys)
+        whole = logits_set.read_part(part)
+        table = whole.take(rows)
+        shard_keys = PartnerPool(whole.column("key").unique().to_pylist())  # sorted once per part, not per row
+        images = _shard_images(dataset, int(table.column("shard")[0].as_py()), table)
         _check_rows(table, images, spec, shard_keys, pp, model, logits_set, report, ulps, batch_size, device)
     log.info("check_views: %d of %d rows agree", report.agreed, report.checked)
     return report
@@ -107,7 +108,7 @@ def _pick_rows(logits_set: LogitsSet, sample: int, seed: int) -> dict[int, np.nd
     return {int(p): picks[parts == p] - bounds[p] for p in np.unique(parts)}
 
 
-def _shard_images(dataset: mf.Manifest, shard: int, table, shard_keys: list[str]) -> dict[str, bytes]:
+def _shard_images(dataset: mf.Manifest, shard: int, table) -> dict[str, bytes]:
     """Image bytes of the rows' keys and their mixup partners, read from dataset shard ``shard``."""
     wanted = set(table.column("key").to_pylist())
     if "view_partner" in table.schema.names:
@@ -140,7 +141,7 @@ def _check_rows(table, images, spec, shard_keys, pp, model, logits_set, report, 
 
 
 def _render_row(key: str, view: View | None, images: dict[str, bytes], spec: AugSpec | None,
-                shard_keys: list[str], pp: Preprocess, report: CheckReport) -> np.ndarray:
+                shard_keys: PartnerPool, pp: Preprocess, report: CheckReport) -> np.ndarray:
     """Pixels of a row's stored view (the centre view for single-view rows); a stored view that the spec
     would not draw for this key is recorded as ``view_not_from_spec`` (and still checked)."""
     img = decode(images[key])
