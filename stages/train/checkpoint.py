@@ -30,13 +30,15 @@ _META = "kdpipe"
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: model and optimizer state dicts, scheduler state, run state."""
+    """A loaded checkpoint: model and optimizer state dicts, scheduler state, run state, and the file's
+    sha256 (checked against ``latest.json`` on load)."""
 
     path: Path
     model: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
     state: dict
+    sha256: str
 
 
 def split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -110,4 +112,5 @@ def load_latest(folder: Path) -> Checkpoint | None:
         meta = json.loads(handle.metadata()[_META])
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    return Checkpoint(path, model, join_optimizer(tensors, meta["optimizer"]), meta["scheduler"], meta["state"])
+    return Checkpoint(path, model, join_optimizer(tensors, meta["optimizer"]), meta["scheduler"], meta["state"],
+                      pointer["sha256"])

@@ -139,7 +139,7 @@ def initial_state(init: str | Path) -> tuple[dict[str, torch.Tensor], mf.Manifes
     for folder in (path, path / "checkpoints"):
         if (folder / POINTER).is_file():
             checkpoint = load_latest(folder)
-            return checkpoint.model, None, sha256_file(checkpoint.path)
+            return checkpoint.model, None, checkpoint.sha256  # hashed once, by load_latest
     return load_state_dict(path), None, sha256_file(path) if path.is_file() else str(path)
 
 
