@@ -37,10 +37,11 @@ def confusion_csv(confusion: np.ndarray, class_names: list[str]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def png_bytes(fig: Figure) -> bytes:
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes (Agg canvas, no pyplot state, no ``Software`` stamp: equal figures, equal bytes)."""
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return buffer.getvalue()
 
 

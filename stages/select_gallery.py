@@ -8,15 +8,16 @@ shards holding a wanted image are read; memory is the thumbnails (classes x 2N s
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from matplotlib.figure import Figure
 
 from pipeline import manifest as mf
 from pipeline.errors import KdpipeError
+from stages.eval_report import png_bytes
 from stages.imaging import Preprocess, SampleError, centre_box, decode, find_image, render
 from stages.reshard_inputs import resolve_lineage
 from stages.shardio import ShardStats, read_shard
@@ -91,13 +92,9 @@ def _thumbnail(key: str, fields: dict) -> np.ndarray | None:
 
 
 def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = max(1, max(len(row) for row in panels))
-    fig, axes = plt.subplots(2, cols, figsize=(1.4 * cols, 3.4), squeeze=False)
+    fig = Figure(figsize=(1.4 * cols, 3.4))
+    axes = fig.subplots(2, cols, squeeze=False)
     for r, row in enumerate(panels):
         for c in range(cols):
             ax = axes[r][c]
@@ -108,7 +105,4 @@ def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
                 ax.set_title(f"{key[-12:]}\n{score:.3f}", fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig, dpi=80)

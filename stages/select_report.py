@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from matplotlib.figure import Figure
 
 from pipeline import manifest as mf
-from stages.eval_report import publish_report
+from stages.eval_report import png_bytes, publish_report
 
 log = logging.getLogger(__name__)
 REPORT_DIR = "report"
@@ -100,24 +101,11 @@ def _csv(rows: list[dict]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def _figure_bytes(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _counts_png(rows: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     edges = np.arange(len(rows) + 1) - 0.5
     selected = np.array([r["selected"] for r in rows])
-    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.3 * len(rows))), 4))
+    fig = Figure(figsize=(max(6.0, min(16.0, 0.3 * len(rows))), 4))
+    ax = fig.add_subplot()
     ax.stairs(selected, edges, fill=True, color="tab:blue", label="selected")
     ax.stairs(selected + np.array([r["copies"] for r in rows]), edges, baseline=selected, fill=True,
               color="tab:orange", label="balance copies")
@@ -129,21 +117,17 @@ def _counts_png(rows: list[dict]) -> bytes:
     ax.set_title("selected per class vs quota")
     ax.legend(fontsize=7)
     fig.subplots_adjust(bottom=0.2)
-    return _figure_bytes(fig)
+    return png_bytes(fig, dpi=90)
 
 
 def _scores_png(table: pa.Table, rows: list[dict], panels: int = 15) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     original = table.filter(pc.equal(table.column("dup"), 0))
     labels, scores = original.column("label").to_numpy(), original.column("score").to_numpy()
     shown = [r["label"] for r in rows if r["selected"]][:panels]
     cols = 4
     nrows = (len(shown) + 1 + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 2.2 * nrows), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 2.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     bins = np.linspace(0, 1, 41)
     axes[0][0].stairs(np.histogram(scores, bins)[0], bins, fill=True, color="tab:gray")
     axes[0][0].set_title("all classes", fontsize=8)
@@ -155,4 +139,4 @@ def _scores_png(table: pa.Table, rows: list[dict], panels: int = 15) -> bytes:
         axes[slot // cols][slot % cols].axis("off")
     fig.suptitle("score p(label|x) of selected images")
     fig.subplots_adjust(hspace=0.6, wspace=0.3)
-    return _figure_bytes(fig)
+    return png_bytes(fig, dpi=90)
