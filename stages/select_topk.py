@@ -15,9 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SORT_ORDER = [("label", "ascending"), ("score", "descending"), ("key", "ascending")]
-
-
 def composite(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """int64 values ordering rows by label ascending, then score descending (scores are >= 0)."""
     bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).astype(np.int64)
@@ -46,11 +43,6 @@ class ClassTopK:
         self._payload: list[pa.Table] = []
         self._rows = 0
         self.compactions = 0
-
-    @property
-    def buffered(self) -> int:
-        """Rows held now (at most ``cap`` plus one batch's admitted candidates)."""
-        return self._rows
 
     def add(self, labels: np.ndarray, scores: np.ndarray, payload: pa.Table) -> None:
         """Offer candidates (``payload`` has one row per candidate, with a ``key`` column)."""
@@ -90,7 +82,7 @@ class ClassTopK:
         return labels, scores, payload
 
     def result(self) -> pa.Table:
-        """The exact top rows as a table with ``label``, ``score`` and the payload, in ``SORT_ORDER``."""
+        """The exact top rows as a table with ``label``, ``score`` and the payload, by (label asc, score desc, key asc)."""
         self.compact()
         labels, scores, payload = self._concat()
         order = sorted_order(labels, scores, payload.column("key"), len(self.quotas))
