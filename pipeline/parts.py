@@ -134,7 +134,7 @@ class PartStore:
                              "no_space" if exc.errno == errno.ENOSPC else "os_error") from exc
         try:
             fault_point("part.written")
-            rows = self._validate(tmp, result)
+            rows = self._validate(index, tmp, result)
             receipt = self._receipt(index, tmp, rows, result, task, time.time() - started)
             fault_point("part.validated")
         except BaseException:
@@ -142,10 +142,10 @@ class PartStore:
             raise
         return self._publish(index, tmp, receipt)
 
-    def _validate(self, tmp: Path, result: PartResult) -> int:
+    def _validate(self, index: int, tmp: Path, result: PartResult) -> int:
         rows = self.count_rows(tmp)
         if result.expected_rows is not None and rows != result.expected_rows:
-            raise IntegrityError(f"{self.part_path(0).parent}: written part has {rows} rows, "
+            raise IntegrityError(f"{self.part_path(index)}: written part has {rows} rows, "
                                  f"expected {result.expected_rows}; nothing was published")
         return rows
 
