@@ -66,7 +66,8 @@ def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = 
     write = lambda tmp: _write(tmp, pool, ref, threshold, neighbors, batch_rows)
     report = run_parts(store, [0], lambda index: store.commit(index, write), desc="dedup")
     if report.exit_code:
-        raise InputError(f"{out}: dedup failed: {report.failed or report.given_up}")
+        raise InputError(f"{out}: dedup failed: {report.failed or report.given_up}; the log above "
+                         "names the cause")
     inputs = [mf.input_ref(pool.manifest, Path(out), "query")]
     if ref:
         inputs.append(mf.input_ref(ref.manifest, Path(out), "reference"))

@@ -99,7 +99,8 @@ class SelectionRows:
         names = pq.ParquetFile(self.paths[0]).schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
-            raise ManifestError(f"{self.paths[0]}: selection lacks column(s) {', '.join(missing)}")
+            raise ManifestError(f"{self.paths[0]}: selection lacks column(s) {', '.join(missing)}; "
+                               "give a selection written by `kdpipe select`")
         self.has_targets = all(c in names for c in TARGET_COLUMNS)
         self.has_dup = "dup" in names
         self.columns = [c for c in (*REQUIRED_COLUMNS, "dup", *TARGET_COLUMNS) if c in names]
