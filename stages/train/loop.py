@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 REASONS = ("empty_image", "corrupt_image", "too_many_pixels", "format_not_allowed", "unsupported_mode",
            "missing_image", "missing_label", "bad_label", "missing_soft_targets", "bad_soft_targets",
-           "duplicate_key", "unsafe_key", "bad_member_name", "other")
+           "missing_partner", "duplicate_key", "unsafe_key", "bad_member_name", "other")
 
 
 @dataclass
