@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import manifest as mf
 from stages.imaging import Preprocess
 from stages.ingest import ingest
 from stages.logits import compute_logits
@@ -58,21 +59,18 @@ def synthetic_bytes(n: int, views: int, dtype: str, aug: str, folder: Path, seed
 
 def real_bytes(folder: Path, views: int, aug: str) -> tuple[int, int]:
     """(bytes of all logits parts, images) of the digits pool with ``views`` views (1: plain)."""
-    data = folder / "ds" / "unlabeled" / "manifest.json"
+    data = folder / "ds" / "unlabeled" / mf.MANIFEST_NAME
     if not data.exists():
         ingest("digits", folder / "ds", shard_size=200, split="labeled=3/class,test=500,unlabeled=rest", seed=0)
     card = folder / "card"
-    if not (card / "manifest.json").exists():
+    if not (card / mf.MANIFEST_NAME).exists():
         torch.manual_seed(0)
         write_card(card, build_model("smallcnn", 10).eval(), arch="smallcnn", class_names=[str(d) for d in range(10)],
                    preprocess=Preprocess(size=28, crop_fraction=1.0), stage="benchmark")
     spec = parse_aug(aug, views=views, seed=0) if views > 1 else None
     out = compute_logits(data, card, folder / f"real-{views}", topk=5, temperature=2.0, num_workers=0, aug=spec)
-    parts = sorted(out.parent.glob("part-*.parquet"))  # a benchmark of the files we just wrote
-    import json
-
-    images = json.loads(out.read_text())["totals"]["samples"]
-    return sum(p.stat().st_size for p in parts), images
+    manifest = mf.load(out, kind="logits")
+    return sum(int(f["bytes"]) for f in manifest.files), int(manifest.totals["samples"])
 
 
 def main() -> None:
