@@ -184,7 +184,8 @@ def _resolve_stage(name: str, body: dict, data: dict, outs: dict, where: str) ->
     out = None if out is None else str(_absolute(sub(out), Path(data["run_dir"])))
     mode = body.get("mode") or DEFAULT_MODES.get(body["command"]) or ("array" if "array" in body else "single")
     stage = {
-        "command": body["command"], "entry": body.get("entry", "pipeline"), "argv": [sub(v) for v in body.get("argv", []) if v is not None],
+        "command": body["command"], "entry": body.get("entry", "pipeline"),
+        "argv": [sub(v) for v in body.get("argv", []) if v is not None],
         "args": {k: ([sub(x) for x in v] if isinstance(v, list) else sub(v)) for k, v in body.get("args", {}).items()},
         "out": out, "outputs": [] if out is None else [str((Path(out) / o).resolve()) for o in
                                                        body.get("outputs", ["."])],
@@ -235,7 +236,8 @@ def _default_python() -> str:
 
 
 def _stage(name: str, body: dict) -> Stage:
-    return Stage(name=name, command=body["command"], entry=body.get("entry", "pipeline"), argv=[_arg_text(v) for v in body["argv"]],
+    return Stage(name=name, command=body["command"], entry=body.get("entry", "pipeline"),
+                 argv=[_arg_text(v) for v in body["argv"]],
                  args=body["args"], out=Path(body["out"]) if body["out"] else None,
                  outputs=[Path(o) for o in body["outputs"]], mode=body["mode"], array=body["array"],
                  task_args=list(body["task_args"]), finalize_args=list(body["finalize_args"]),

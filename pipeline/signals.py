@@ -90,12 +90,6 @@ def check_stop(where: str = "") -> None:
         raise StopForRequeue()
 
 
-def reset() -> None:
-    """Forget a stop request (tests, or a process that runs several stages in turn)."""
-    _State.requested = False
-    _State.deferred = False
-
-
 @contextlib.contextmanager
 def critical() -> Iterator[None]:
     """Defer an abandoning stop until the block (publishing a part and its receipt) is done."""
