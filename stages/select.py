@@ -24,7 +24,7 @@ from pipeline.planning import plan_block
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.logits_format import SCHEMA_VERSION as LOGITS_SCHEMA_VERSION, read_metadata
-from stages.logits_reader import LogitsSet, open_logits
+from stages.logits_reader import AGREEING, LogitsSet, open_logits
 from stages.select_output import SCHEMA_VERSION, final_table, payload_columns, write_parquet
 from stages.select_policy import Scorer, SelectSpec, excluded_rows, make_spec
 from stages.select_topk import ClassTopK
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
 ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts
-_AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse")
 
 
@@ -105,7 +104,7 @@ def map_store(out: Path, params: dict, num_tasks: int) -> PartStore:
 
 def preflight(logits_set: LogitsSet) -> None:
     """Refuse, before any work, logits parts whose metadata or column types differ, naming every one."""
-    expected = {key: logits_set.params[key] for key in _AGREEING}
+    expected = {key: logits_set.params[key] for key in AGREEING}
     expected["schema_version"] = LOGITS_SCHEMA_VERSION
     bad, first_types = [], None
     for index in range(logits_set.num_parts):
