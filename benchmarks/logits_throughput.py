@@ -23,14 +23,14 @@ import torch
 from PIL import Image
 
 from pipeline import manifest as mf
+from stages.artifacts.cards import write_card
 from stages.imaging import Preprocess, centre_view
-from stages.inference import Engine, resolve_device
-from stages.ingest import ingest
-from stages.logits import compute_logits, default_workers
-from stages.logits_data import ShardBlock, ShardRef, make_loader
-from stages.logits_write import PartRows, part_table, write_part
+from stages.ingest.stage import ingest
+from stages.logits.data import ShardBlock, ShardRef, make_loader
+from stages.logits.inference import Engine, resolve_device
+from stages.logits.stage import compute_logits, default_workers
+from stages.logits.write import PartRows, part_table, write_part
 from stages.models import build_model
-from stages.teacher_card import write_card
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[bytes]:

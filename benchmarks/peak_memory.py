@@ -35,9 +35,9 @@ import json, resource, sys, time
 import psutil
 import torch
 torch.set_num_threads(1)
-from stages.logits import compute_logits
-from stages.select import select
-from stages.reshard import reshard
+from stages.logits.stage import compute_logits
+from stages.select.stage import select
+from stages.reshard.stage import reshard
 base = psutil.Process().memory_info().rss
 stage, args = sys.argv[1], json.loads(sys.argv[2])
 start = time.perf_counter()
@@ -85,9 +85,9 @@ def make_card(out: Path) -> Path:
     """A seeded, untrained smallcnn teacher card that sees 16 px images."""
     import torch
 
+    from stages.artifacts.cards import write_card
     from stages.imaging import Preprocess
     from stages.models import build_model
-    from stages.teacher_card import write_card
 
     torch.manual_seed(0)
     pp = Preprocess(size=16, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import manifest as mf  # noqa: E402
 from pipeline.parts import PartResult, PartStore, fingerprint  # noqa: E402
-from pipeline.tasks import file_entries, finalize, run_parts  # noqa: E402
+from pipeline.tasks import file_entries, run_parts  # noqa: E402
 from pipeline.verify import parquet_rows  # noqa: E402
+from stages.artifacts.logits_format import SCHEMA_VERSION, arrow_schema  # noqa: E402
 from stages.imaging import Preprocess  # noqa: E402
-from stages.logits_format import SCHEMA_VERSION, arrow_schema  # noqa: E402
 
 C, K, T = 1000, 10, 1.0
 PER_CLASS, TOP_P = 2000, 5

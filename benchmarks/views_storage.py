@@ -25,14 +25,15 @@ import numpy as np
 import torch
 
 from pipeline import manifest as mf
+from stages.artifacts.cards import write_card
+from stages.artifacts.views import with_views
 from stages.imaging import Preprocess
-from stages.ingest import ingest
-from stages.logits import compute_logits
-from stages.logits_write import PartRows, part_table, write_part
+from stages.ingest.stage import ingest
+from stages.logits.stage import compute_logits
+from stages.logits.write import PartRows, part_table, write_part
 from stages.models import build_model
-from stages.teacher_card import write_card
-from stages.views import parse_aug, sample_views
-from stages.views_format import with_views
+from stages.views.render import sample_views
+from stages.views.spec import parse_aug
 
 
 def synthetic_bytes(n: int, views: int, dtype: str, aug: str, folder: Path, seed: int = 0) -> int:

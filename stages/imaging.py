@@ -143,3 +143,16 @@ def centre_view(data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXEL
     """Decode image bytes and render the centre view as HWC uint8 (raises ``SampleError``)."""
     img = decode(data, max_pixels)
     return render(img, centre_box(*img.size, pp), pp)
+
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+          (b"BM", "bmp"))
+
+
+def sniff_extension(data: bytes) -> str | None:
+    """The image extension implied by the bytes' signature (JPEG, PNG, GIF, BMP, WEBP), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    return None

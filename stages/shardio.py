@@ -4,6 +4,12 @@ webdataset alone does not notice a tar cut at a member boundary (it reads as a s
 key that reappears non-adjacently (a second sample with the same key). ``read_shard`` hashes the bytes it
 reads, groups members into samples itself, counts bad samples by reason with their keys, and checks the
 total against the dataset manifest's count. No member is ever decoded here: values stay bytes.
+
+Members are read and written with ``tarfile`` in stream mode, exactly as webdataset's ``tar_file_iterator``
+and ``TarWriter`` do (regular files only, ``__*__`` top-level names skipped; members sorted by extension,
+mode 0444, user/group ``bigdata``, a fixed mtime): importing webdataset imports torch (~2 s, ~500 MB), and
+``verify``, ``select``, ``dedup`` and ``reshard`` need neither. ``tests/test_shardio.py`` checks both
+directions against webdataset itself.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-import webdataset as wds
-from webdataset.tariterators import tar_file_iterator
-
 from pipeline.errors import PartFailed
+from stages.imaging import SampleError
 
+_TAR_USER = "bigdata"  # webdataset's TarWriter defaults: the bytes of a written shard match its output
+_TAR_MODE = 0o444
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-/]*$")
 
 
@@ -70,6 +76,18 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
+def tar_members(stream: BinaryIO) -> Iterator[dict]:
+    """``{"fname", "data"}`` per regular member of a tar stream, in order (webdataset's ``tar_file_iterator``
+    with ``skip_meta=None``: top-level ``__name__`` members are skipped, nothing else)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            name = info.name
+            if not info.isreg() or name is None or ("/" not in name and name.startswith("__") and name.endswith("__")):
+                continue
+            yield {"fname": name, "data": tar.extractfile(info).read()}
+            tar.members = []  # stream mode: keep memory flat over a long tar
+
+
 def _group(members: Iterator[dict], stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group adjacent members into samples; refuse unsafe names and keys seen before in this shard."""
     seen: set[str] = set()
@@ -110,7 +128,7 @@ def read_shard(path: str | Path, stats: ShardStats, expected_sha256: str | None 
         reader = _HashingReader(raw)
         buffered = io.BufferedReader(reader, buffer_size=1 << 20)
         try:
-            yield from _group(tar_file_iterator(buffered, skip_meta=None), stats)
+            yield from _group(tar_members(buffered), stats)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise PartFailed(f"{path}: unreadable or truncated tar ({exc})", "unreadable_tar") from None
         reader.drain()
@@ -135,11 +153,42 @@ def count_samples(path: str | Path) -> int:
 
 
 def write_shard(path: Path, samples: Iterator[dict]) -> int:
-    """Write ``samples`` (webdataset dicts with ``__key__``) to a tar at ``path``; return the count."""
+    """Write ``samples`` (webdataset dicts: ``__key__`` plus ``ext: bytes``) to a tar at ``path``; return the count.
+
+    Byte-identical to ``webdataset.TarWriter(stream, encoder=False, mtime=0.0)``: per sample its members in
+    sorted extension order, ``_``-prefixed entries left out.
+    """
     count = 0
-    with open(path, "wb") as stream:
-        with wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
-            for sample in samples:
-                writer.write(sample)
-                count += 1
+    with open(path, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        for sample in samples:
+            _add_sample(tar, sample)
+            count += 1
     return count
+
+
+def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    if "__key__" not in sample:
+        raise ValueError("a sample must contain a __key__")
+    for ext in sorted(sample):
+        if ext.startswith("_"):
+            continue
+        data = sample[ext]
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"{sample['__key__']}.{ext}: member value is {type(data).__name__}, not bytes")
+        info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0.0, _TAR_MODE
+        info.uname = info.gname = _TAR_USER
+        tar.addfile(info, io.BytesIO(data))
+
+
+def parse_label(fields: dict[str, bytes], num_classes: int) -> int:
+    """The ``cls`` member as a class id in [0, num_classes); ``SampleError`` otherwise."""
+    if "cls" not in fields:
+        raise SampleError("missing_label", "no cls member")
+    try:
+        label = int(fields["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise SampleError("bad_label", f"cls member {fields['cls'][:20]!r} is not an ascii integer") from None
+    if not 0 <= label < num_classes:
+        raise SampleError("bad_label", f"label {label} outside [0, {num_classes})")
+    return label

@@ -18,7 +18,7 @@ from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.tasks import file_entries, finalize, run_parts
 from pipeline.verify import parquet_rows
 from stages.imaging import Preprocess
-from stages.logits_format import SCHEMA_VERSION, arrow_schema
+from stages.artifacts.logits_format import SCHEMA_VERSION, arrow_schema
 
 FAKE_TEACHER_ID = "f" * 64
 FAKE_DATASET_ID = "d" * 64
@@ -111,7 +111,7 @@ def make_selection(out: Path, logits_manifest: Path, *, per_class: int = 3, soft
     planted key that is not in its shard, or a key selected for a second class; their soft targets are
     the logits row of their key when it exists, else zeros.
     """
-    from stages.logits_reader import open_logits
+    from stages.artifacts.logits_reader import open_logits
 
     logits = open_logits(logits_manifest)
     table = pa.concat_tables([logits.read_part(i) for i in range(logits.num_parts)])
@@ -184,9 +184,10 @@ def make_multiview_logits(out: Path, data: Path, teacher: Path, spec, *, topk: i
 
     from stages.imaging import find_image, normalise
     from stages.shardio import ShardStats, read_shard
-    from stages.teacher_card import load_classifier, preprocess_of
-    from stages.views import manifest_views, render_shard_views
-    from stages.views_format import with_views
+    from stages.artifacts.cards import load_classifier, preprocess_of
+    from stages.views.spec import manifest_views
+    from stages.views.render import render_shard_views
+    from stages.artifacts.views import with_views
 
     dataset = mf.load(data, kind="dataset")
     model, card = load_classifier(teacher)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline import manifest as mf
-from pipeline.commands.common import add_task_args, resolve_task
+from pipeline.cli.commands.common import add_task_args, resolve_task
 from pipeline.errors import KdpipeError, PartFailed
 from pipeline.log import setup_logging
 from pipeline.parts import PartResult, PartStore, fingerprint

@@ -8,8 +8,8 @@ import pytest
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError
-from stages.dedup import dedup
-from stages.select import select
+from stages.dedup.stage import dedup
+from stages.select.stage import select
 from tests.factories import make_logits, random_shards
 
 DIM = 32
@@ -75,7 +75,7 @@ def test_logits_without_embeddings_are_refused(tmp_path):
 
 
 def test_verify_check_of_exclusion_parts(planted, tmp_path):
-    from stages.dedup import check_exclusion_part
+    from stages.artifacts.exclusion import check_exclusion_part
 
     out, query, ref = planted
     manifest = mf.load(dedup(query, tmp_path / "ex", reference=ref), kind="exclusion")
@@ -87,7 +87,7 @@ def test_verify_check_of_exclusion_parts(planted, tmp_path):
 
 
 def test_components_of_chains_and_pairs():
-    from stages.dedup import components
+    from stages.dedup.stage import components
 
     rows, cols = np.array([5, 3, 1, 8]), np.array([4, 4, 5, 9])   # 1-5-4-3 chain, 8-9 pair
     assert components(10, rows, cols).tolist() == [0, 1, 2, 1, 1, 1, 6, 7, 8, 8]

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main
-from pipeline.commands.demo import ROWS
+from pipeline.cli.commands.demo import ROWS
 
 # A smaller variant: the same stages and code paths, fewer epochs.
 SHORT = ["stages.teacher.args.epochs=30", "stages.student_pl.args.epochs=3", "stages.student_pl_ft.args.epochs=3",

@@ -61,7 +61,7 @@ def parquet_keys(path: Path) -> list[str]:
 
 def _ingest_case() -> Case:
     from PIL import Image
-    from stages.ingest import ingest
+    from stages.ingest.stage import ingest
 
     def setup(root: Path) -> dict:
         rng = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def _ingest_case() -> Case:
 
 
 def _logits_case() -> Case:
-    from stages.logits import compute_logits
+    from stages.logits.stage import compute_logits
     from tests.test_logits_support import digits_data, train_card
 
     def setup(root: Path) -> dict:
@@ -86,8 +86,8 @@ def _logits_case() -> Case:
 
 
 def _reshard_case() -> Case:
-    from stages.ingest import ingest
-    from stages.reshard import reshard
+    from stages.ingest.stage import ingest
+    from stages.reshard.stage import reshard
     from stages.shardio import ShardStats, read_shard
     from tests.factories import make_logits, make_selection
 

@@ -20,10 +20,10 @@ from PIL import Image
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError
-from stages import inference
-from stages.ingest_base import ingest_grown
-from stages.logits import compute_logits
-from stages.select import select
+from stages.logits import inference
+from stages.ingest.base import ingest_grown
+from stages.logits.stage import compute_logits
+from stages.select.stage import select
 from tests.slurm_helpers import REPO
 from tests.test_logits_support import digits_data, train_card
 
@@ -175,7 +175,7 @@ def test_logits_reuse_in_two_array_tasks_and_a_finalize_job_gives_the_same_manif
 
 
 def test_multi_view_logits_are_reused_byte_identically(grown, tmp_path):
-    from stages.views import parse_aug
+    from stages.views.spec import parse_aug
 
     aug = parse_aug("rrc:0.5-1,flip:0.5", views=2, seed=3)
     opts = {"topk": K, "temperature": T, "num_workers": 0, "aug": aug}
@@ -190,7 +190,7 @@ def test_multi_view_logits_are_reused_byte_identically(grown, tmp_path):
 @pytest.fixture(scope="module")
 def unlabeled_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("unlabeled")
-    from stages.ingest import ingest
+    from stages.ingest.stage import ingest
 
     return ingest("digits", root / "base", shard_size=40, split="unlabeled=60,rest=rest")["unlabeled"]
 
@@ -223,9 +223,9 @@ def test_a_new_key_already_in_the_base_is_refused_naming_it(unlabeled_base, tmp_
 
 def test_the_example_configs_growth_step_uncommented_submits_after_the_old_logits(tmp_path):
     from pipeline.config import config_from_dict
-    from pipeline.submit import submit
+    from pipeline.cli.submit import submit
 
-    lines = (REPO / "pipeline" / "configs" / "example-cluster.yaml").read_text().splitlines()
+    lines = (REPO / "pipeline" / "cli" / "configs" / "example-cluster.yaml").read_text().splitlines()
     growth = ("  # data_v2", "  # logits_v2", "  #   ", "  #          ")
     raw = yaml.safe_load("\n".join("  " + line[4:] if line.startswith(growth) else line for line in lines))
     cfg = config_from_dict(raw, [f"run_dir={tmp_path / 'run'}"])

@@ -10,8 +10,8 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline import manifest as mf
 from pipeline.errors import InputError
-from stages.ingest import assign_splits, parse_split, plan_shards
-from stages.ingest_sources import make_key
+from stages.ingest.stage import assign_splits, parse_split, plan_shards
+from stages.ingest.sources import make_key
 from stages.shardio import ShardStats, read_shard
 
 
@@ -124,13 +124,13 @@ def test_duplicate_keys_are_a_named_error(tmp_path):
     (tmp_path / "x.jpg").write_bytes(_png(2))
     assert main(["ingest", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(InputError, match=r"duplicate key 'x'.*x.jpg.*x.png"):
-        from stages.ingest import ingest
+        from stages.ingest.stage import ingest
         ingest(str(tmp_path), tmp_path / "o2")
 
 
 def test_missing_source_is_a_named_error(tmp_path):
     with pytest.raises(InputError, match="no such folder"):
-        from stages.ingest import ingest
+        from stages.ingest.stage import ingest
         ingest(str(tmp_path / "nope"), tmp_path / "o")
 
 

@@ -9,9 +9,9 @@ import torch
 
 from pipeline import manifest as mf
 from pipeline.cli import main
-from stages.logits import compute_logits
-from stages.logits_format import dense_targets, fixed_list_to_numpy, read_metadata, residual_mass, softened_topk
-from stages.logits_reader import open_logits
+from stages.logits.stage import compute_logits
+from stages.artifacts.logits_format import (dense_targets, fixed_list_to_numpy, read_metadata, residual_mass, softened_topk)
+from stages.artifacts.logits_reader import open_logits
 from tests.test_logits_support import digits_data, plain_logits, shard_images, train_card
 
 T, K = 2.5, 4

@@ -29,7 +29,7 @@ def test_array_tasks_without_finalize_then_finalize_writes_the_manifest(tmp_path
 
 
 def test_a_part_committed_by_another_task_meanwhile_is_skipped_and_the_rest_is_exact(tmp_path, monkeypatch):
-    import stages.logits as stage
+    import stages.logits.stage as stage
 
     rng = np.random.default_rng(2)
     data = make_dataset(tmp_path / "d", [[{"__key__": f"s{s}k{i}", "jpg": jpeg(rng)} for i in range(6)]

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 from pipeline import manifest as mf
-from stages.logits import compute_logits
+from stages.logits.stage import compute_logits
 import numpy as np
 
 from tests.test_logits_support import NAMES, jpeg, make_dataset, train_card
@@ -14,8 +14,8 @@ from tests.test_logits_support import NAMES, jpeg, make_dataset, train_card
 # Runs the stage in a child that SIGKILLs itself on its 4th forward: inside part 1 (part 0 has 3 batches of 16).
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
-    from stages import inference
-    from stages.logits import compute_logits
+    from stages.logits import inference
+    from stages.logits.stage import compute_logits
     real, calls = inference.Engine.run, [0]
     def run(self, pixels):
         calls[0] += 1

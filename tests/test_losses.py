@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.logits_format import dense_targets
+from stages.artifacts.logits_format import dense_targets
 from stages.train.losses import distillation_loss, hard_loss, soft_loss, teacher_distribution
 
 INDEX = torch.tensor([[0, 1]])

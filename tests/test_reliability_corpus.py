@@ -39,8 +39,8 @@ from PIL import Image
 from pipeline import manifest as mf
 from pipeline.errors import PartFailed
 from pipeline.hashing import sha256_file
-from stages.checks import CHECKS
-from stages.logits import compute_logits
+from stages.artifacts.checks import CHECKS
+from stages.logits.stage import compute_logits
 from stages.shardio import count_samples
 from tests.test_imaging import _jpeg, _png_header_only, _save
 from tests.test_logits_support import NAMES, train_card

@@ -27,9 +27,9 @@ from pipeline import manifest as mf
 from pipeline.atomic import TEMP_PREFIX, temp_path_for
 from pipeline.hashing import sha256_file
 from pipeline.signals import FAULT_ENV
-from stages.logits_reader import open_logits
-from stages.reshard import iter_training_samples
-from stages.reshard_plan import sample_key
+from stages.artifacts.logits_reader import open_logits
+from stages.reshard.stage import iter_training_samples
+from stages.reshard.plan import sample_key
 from stages.shardio import ShardStats, read_shard
 from tests.test_faults import _fork
 from tests.test_reliability_support import RUNS, Chain, clean_chain
@@ -70,7 +70,7 @@ def _mid_parquet(count: int) -> None:
 
 
 def _mid_tar(count: int) -> None:
-    import stages.reshard as module
+    import stages.reshard.stage as module
     real = module.write_shard
 
     def half(path, samples):

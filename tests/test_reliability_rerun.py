@@ -38,10 +38,10 @@ def _forbid(monkeypatch, target: str, name: str) -> None:
 def test_rerun_of_a_complete_stage_does_no_work_and_changes_no_file(chain, stage, monkeypatch):
     folder = getattr(chain, stage)
     before = snapshot(folder)
-    _forbid(monkeypatch, "stages.logits", "_engine")
-    _forbid(monkeypatch, "stages.select", "map_block")
-    _forbid(monkeypatch, "stages.select", "_reduce_write")
-    _forbid(monkeypatch, "stages.reshard", "write_shard")
+    _forbid(monkeypatch, "stages.logits.stage", "_engine")
+    _forbid(monkeypatch, "stages.select.stage", "map_block")
+    _forbid(monkeypatch, "stages.select.stage", "_reduce_write")
+    _forbid(monkeypatch, "stages.reshard.stage", "write_shard")
     result = RUNS[stage](chain, folder)
     manifest = getattr(result, "manifest", result)
     assert mf.load(manifest).id == mf.load(folder).id

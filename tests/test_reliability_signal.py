@@ -27,8 +27,8 @@ from tests.test_reliability_support import RUNS, clean_chain
 
 SLOW_RUN = textwrap.dedent("""
     import sys, time
-    from stages import inference
-    from stages.logits import compute_logits
+    from stages.logits import inference
+    from stages.logits.stage import compute_logits
     real = inference.Engine.run
     def run(self, pixels):
         time.sleep(1.0)

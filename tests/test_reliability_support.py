@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pipeline import manifest as mf
 from pipeline.hashing import sha256_file
-from stages.logits import compute_logits
-from stages.reshard import reshard
-from stages.select import select
+from stages.logits.stage import compute_logits
+from stages.reshard.stage import reshard
+from stages.select.stage import select
 from tests.test_faults import _fork
 from tests.test_logits_support import digits_data, train_card
 

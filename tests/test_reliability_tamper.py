@@ -28,13 +28,13 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import IntegrityError, KdpipeError, PartFailed
 from pipeline.verify import verify
-from stages.checks import CHECKS
-from stages.dedup import dedup
-from stages.evaluate import evaluate
-from stages.logits import compute_logits
-from stages.logits_reader import open_logits
-from stages.reshard import reshard
-from stages.select import select
+from stages.artifacts.checks import CHECKS
+from stages.dedup.stage import dedup
+from stages.evaluate.stage import evaluate
+from stages.logits.stage import compute_logits
+from stages.artifacts.logits_reader import open_logits
+from stages.reshard.stage import reshard
+from stages.select.stage import select
 from stages.train.config import TrainConfig
 from stages.train.loop import train
 from tests.test_logits_support import relist

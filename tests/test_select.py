@@ -14,10 +14,10 @@ from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError, ManifestError
 from pipeline.hashing import sha256_file
-from stages.logits_reader import open_logits
-from stages.select import select
-from stages.select_output import check_selection_part
-from stages.select_topk import ClassTopK
+from stages.artifacts.logits_reader import open_logits
+from stages.select.stage import select
+from stages.artifacts.selection import check_selection_part
+from stages.select.topk import ClassTopK
 from tests.factories import make_exclusion, make_logits, random_shards
 
 T = 2.0
@@ -89,7 +89,7 @@ def test_accumulator_equals_full_sort_under_heavy_ties_and_tiny_buffer():
 @pytest.mark.parametrize("cap", [None, 40])
 def test_topk_equals_brute_force_with_ties(tied, tmp_path, monkeypatch, cap):
     if cap:  # a tiny buffer: the stream is compacted and thresholds rise many times
-        monkeypatch.setattr("stages.select.ClassTopK", functools.partial(ClassTopK, cap=cap))
+        monkeypatch.setattr("stages.select.stage.ClassTopK", functools.partial(ClassTopK, cap=cap))
     select(tied, tmp_path / "sel", per_class=37, top_p=3, batch_rows=50, gallery=0)
     assert selected(tmp_path / "sel") == rounded(brute_force(tied, 37, 3))
 

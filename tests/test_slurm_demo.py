@@ -1,4 +1,4 @@
-"""Issue 6's "done when": the demo chain (``pipeline/configs/demo.yaml``) submitted to the test SLURM cluster
+"""Issue 6's "done when": the demo chain (``pipeline/cli/configs/demo.yaml``) submitted to the test SLURM cluster
 completes with the same manifest ids, stage by stage, as ``kdpipe run`` of the same config. Minutes on CPU.
 ``KDPIPE_DEMO_CONFIG`` names another config to check the same way."""
 
@@ -11,11 +11,11 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.config import load_config
-from pipeline.run import run_pipeline
-from pipeline.submit import load_submissions, submit
+from pipeline.cli.run import run_pipeline
+from pipeline.cli.submit import load_submissions, submit
 from tests.slurm_helpers import REPO, wait_jobs
 
-DEMO = Path(os.environ.get("KDPIPE_DEMO_CONFIG", REPO / "pipeline" / "configs" / "demo.yaml"))
+DEMO = Path(os.environ.get("KDPIPE_DEMO_CONFIG", REPO / "pipeline" / "cli" / "configs" / "demo.yaml"))
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(not DEMO.is_file(), reason=f"{DEMO} does not exist yet")]
 

@@ -13,9 +13,9 @@ from pipeline import parts
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import KdpipeError
-from pipeline.run import run_pipeline
-from pipeline.status import collect, folder_status, format_table
-from pipeline.submit import submit
+from pipeline.cli.run import run_pipeline
+from pipeline.cli.status import collect, folder_status, format_table
+from pipeline.cli.submit import submit
 from tests.slurm_helpers import REPO
 
 FAKE = {"command": "slow", "entry": "tests.fake_stage", "args": {"parts": 5, "rows": 3, "fail_part": [3]}}

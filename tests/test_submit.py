@@ -17,8 +17,8 @@ import yaml
 from pipeline.cli import main
 from pipeline.config import config_from_dict, load_config, stage_argv
 from pipeline.errors import InputError
-from pipeline.run import run_pipeline
-from pipeline.submit import load_submissions, submit
+from pipeline.cli.run import run_pipeline
+from pipeline.cli.submit import load_submissions, submit
 from tests.slurm_helpers import REPO
 
 FAKE = {"command": "slow", "entry": "tests.fake_stage", "args": {"parts": 4, "rows": 3}}
@@ -178,7 +178,7 @@ def test_submit_command_dry_run_prints_the_jobs(tmp_path, capsys):
 
 
 def test_the_example_cluster_config_renders_a_chained_job_per_stage(tmp_path):
-    example = REPO / "pipeline" / "configs" / "example-cluster.yaml"
+    example = REPO / "pipeline" / "cli" / "configs" / "example-cluster.yaml"
     cfg = load_config(example, [f"run_dir={tmp_path / 'run'}"])
     jobs = submit(cfg, dry_run=True, skip_complete=False)
     assert [j.role for j in jobs].count("finalize") == 4 and [j.role for j in jobs][-2:] == ["torchrun"] * 2

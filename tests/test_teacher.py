@@ -13,8 +13,8 @@ from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
 from stages.models import build_model
-from stages.teacher import class_names_from, import_teacher
-from stages.teacher_card import load_teacher
+from stages.teacher.stage import class_names_from, import_teacher
+from stages.artifacts.cards import load_teacher
 from tests.test_train_data import digits
 
 PP = Preprocess(size=28, crop_fraction=1.0)
@@ -96,7 +96,7 @@ def test_weights_of_another_head_size_are_refused_naming_the_mismatch(tmp_path):
 def test_a_pinned_sha256_is_checked_before_the_weights_are_loaded(tmp_path, monkeypatch):
     save_file(build_model("smallcnn", 3).state_dict(), str(tmp_path / "w.safetensors"))
     digest = sha256_file(tmp_path / "w.safetensors")
-    import stages.teacher_card as card_module
+    import stages.artifacts.cards as card_module
     loads = []
     monkeypatch.setattr(card_module, "load_file", lambda p: loads.append(p) or pytest.fail("loaded before the check"))
     with pytest.raises(InputError, match=r"w.safetensors: sha256 .* differs from the pinned 0{64}"):

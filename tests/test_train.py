@@ -16,7 +16,7 @@ from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import FingerprintMismatch, InputError
 from stages.shardio import ShardStats, read_shard
-from stages.teacher_card import load_classifier
+from stages.artifacts.cards import load_classifier
 from stages.train.config import TrainConfig
 from stages.train.loop import train
 from tests.factories import make_logits

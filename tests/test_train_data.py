@@ -14,7 +14,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.tasks import failure_totals, file_entries, finalize, run_parts
-from stages.ingest import ingest
+from stages.ingest.stage import ingest
 from stages.shardio import ShardStats, count_samples, read_shard, write_shard
 from stages.train.augment import AugmentSpec, draw_view, view_rng
 from stages.train.config import TrainConfig

@@ -17,17 +17,16 @@ from pipeline.cli import main
 from pipeline import manifest as mf
 from pipeline.errors import InputError, ManifestError
 from stages.imaging import Preprocess, centre_box, decode, find_image
-from stages.ingest import ingest
-from stages.logits_format import arrow_schema
-from stages.logits_reader import open_logits
+from stages.ingest.stage import ingest
+from stages.artifacts.logits_format import arrow_schema
+from stages.artifacts.logits_reader import open_logits
 from stages.models import build_model
 from stages.shardio import ShardStats, read_shard
-from stages.teacher_card import write_card
-from stages.views import (AugSpec, AugSpecError, View, epoch_view, mix_uint8, parse_aug, render_shard_views,
-                          render_view, sample_views)
-from stages.views_check import check_views
-from stages.views_format import (iter_key_groups, key_probs, multiview_schema, spec_of, view_arrays,
-                                 views_from_table, with_views)
+from stages.artifacts.cards import write_card
+from stages.views.spec import AugSpec, AugSpecError, parse_aug
+from stages.views.render import View, epoch_view, mix_uint8, render_shard_views, render_view, sample_views
+from stages.logits.check_views import check_views
+from stages.artifacts.views import (iter_key_groups, key_probs, multiview_schema, spec_of, view_arrays, views_from_table, with_views)
 from tests.factories import make_multiview_logits
 
 PP = Preprocess(size=28, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

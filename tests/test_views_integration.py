@@ -13,20 +13,21 @@ from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import FingerprintMismatch, InputError
 from stages.imaging import Preprocess, decode, find_image, normalise
-from stages.ingest import ingest
-from stages.logits import compute_logits
-from stages.logits_format import fixed_list_to_numpy
-from stages.logits_reader import open_logits
+from stages.ingest.stage import ingest
+from stages.logits.stage import compute_logits
+from stages.artifacts.logits_format import fixed_list_to_numpy
+from stages.artifacts.logits_reader import open_logits
 from stages.models import build_model
-from stages.reshard import iter_training_samples, reshard
-from stages.select import select
+from stages.reshard.stage import iter_training_samples, reshard
+from stages.select.stage import select
 from stages.shardio import ShardStats, read_shard
-from stages.teacher_card import load_classifier, write_card
+from stages.artifacts.cards import load_classifier, write_card
 from stages.train.config import TrainConfig
 from stages.train.data import decode_sample
 from stages.train.inputs import load_inputs, make_plan
-from stages.views import View, epoch_view, parse_aug, render_view
-from stages.views_format import VIEW_COLUMNS, views_from_table
+from stages.views.render import View, epoch_view, render_view
+from stages.views.spec import parse_aug
+from stages.artifacts.views import VIEW_COLUMNS, views_from_table
 from tests.factories import make_multiview_logits
 
 PP = Preprocess(size=28, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -241,7 +242,7 @@ def test_nonfinite_logits_drop_all_of_an_images_views_and_count_it_once(tmp_path
 
 
 def test_a_partner_pool_draws_the_same_views_as_the_key_list():
-    from stages.views import PartnerPool, sample_views
+    from stages.views.render import PartnerPool, sample_views
 
     keys = [f"k{i:03d}" for i in range(40, 0, -1)]
     spec = parse_aug("rrc:0.5-1,mixup:0.3", views=5, seed=1)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stages.imaging import Preprocess, centre_box
-from stages.views import Box, rrc_try
+from stages.views.render import Box, rrc_try
 
 
 @dataclass(frozen=True)

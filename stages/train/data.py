@@ -38,11 +38,11 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from stages import imaging
+from stages.artifacts.logits_reader import open_logits
 from stages.imaging import Preprocess, SampleError
-from stages.logits_reader import open_logits
-from stages.shardio import ShardStats, read_shard
+from stages.shardio import ShardStats, parse_label, read_shard
 from stages.train.augment import AugmentSpec, draw_view, eval_view, view_rng
-from stages.views import View, epoch_view, render_view
+from stages.views.render import View, epoch_view, render_view
 
 log = logging.getLogger(__name__)
 SOFT_FIELDS = ("topk_index", "topk_logit", "lse", "temperature")
@@ -99,19 +99,6 @@ def batches_of_stream(stream: int, streams: int, start: int, stop: int) -> int:
     """How many of the batches ``start..stop-1`` belong to ``stream`` (batch b is stream ``b % streams``)."""
     first = start + ((stream - start) % streams)
     return 0 if first >= stop else (stop - 1 - first) // streams + 1
-
-
-def parse_label(fields: dict[str, bytes], num_classes: int) -> int:
-    """The ``cls`` member as a class id in [0, num_classes); ``SampleError`` otherwise."""
-    if "cls" not in fields:
-        raise SampleError("missing_label", "no cls member")
-    try:
-        label = int(fields["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise SampleError("bad_label", f"cls member {fields['cls'][:20]!r} is not an ascii integer") from None
-    if not 0 <= label < num_classes:
-        raise SampleError("bad_label", f"label {label} outside [0, {num_classes})")
-    return label
 
 
 def parse_soft(record: dict | None, num_classes: int, topk: int | None) -> tuple:

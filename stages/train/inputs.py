@@ -13,9 +13,9 @@ import torch
 from pipeline import manifest as mf
 from pipeline.errors import InputError, ManifestError
 from pipeline.hashing import sha256_file
+from stages.artifacts.cards import load_classifier, load_state_dict
+from stages.artifacts.logits_reader import open_logits
 from stages.imaging import Preprocess
-from stages.logits_reader import open_logits
-from stages.teacher_card import load_classifier, load_state_dict
 from stages.train.checkpoint import POINTER, load_latest
 from stages.train.config import TrainConfig
 from stages.train.data import DataPlan, check_shard_count, shard_refs

@@ -22,13 +22,13 @@ from pipeline import manifest as mf
 from pipeline.errors import FingerprintMismatch, InputError, IntegrityError
 from pipeline.hashing import sha256_json
 from stages import imaging
+from stages.artifacts.cards import write_card
 from stages.models import build_model
-from stages.teacher_card import write_card
+from stages.models.evaluation import accuracy
 from stages.train import checkpoint as ckpt
 from stages.train import distributed as dd
 from stages.train.config import CODE_VERSION, TrainConfig, lr_factor
 from stages.train.data import DataPlan, make_loader, verify_shards
-from stages.train.evaluation import accuracy
 from stages.train.inputs import TrainInputs, load_initial, load_inputs, make_plan
 from stages.train.losses import distillation_loss, teacher_distribution
 from stages.train.outputs import plot_losses, write_metrics

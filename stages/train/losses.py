@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.logits_format import RESIDUAL_POLICIES
+from stages.artifacts.logits_format import RESIDUAL_POLICIES
 
 LOSSES = ("hard", "soft", "mix")
 

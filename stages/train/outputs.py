@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline.atomic import write_atomic
+from stages.artifacts.reports import new_figure, png_bytes
 
 METRICS = "metrics.jsonl"
 CURVE = "loss_curve.png"
@@ -22,12 +23,8 @@ def write_metrics(out: Path, history: list[dict]) -> Path:
 
 
 def plot_losses(out: Path, losses: list[list[float]], history: list[dict], title: str) -> Path:
-    """``loss_curve.png``: the logged step losses and the per-epoch mean (``eval_report.png_bytes``)."""
-    from matplotlib.figure import Figure
-
-    from stages.eval_report import png_bytes
-
-    fig = Figure(figsize=(6, 4), dpi=100)
+    """``loss_curve.png``: the logged step losses and the per-epoch mean (``artifacts.reports.png_bytes``)."""
+    fig = new_figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     if losses:
         ax.plot([s for s, _ in losses], [v for _, v in losses], lw=0.8, alpha=0.6, label="step loss (rank 0)")

@@ -1,0 +1,67 @@
+"""The entry layer: the ``kdpipe`` command line (``main(argv) -> int``), run / submit / status, templates, configs.
+
+This subpackage is the only code that imports stage packages. Each ``pipeline/cli/commands/<name>.py`` defines
+``register(subparsers)``, which adds its parser and sets ``func(args) -> int``; a command imports its stage
+inside ``func`` so that ``kdpipe --help`` (and every other command) does not load torch for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline import __version__
+from pipeline.cli.commands import (
+    check_views,
+    dedup,
+    demo,
+    evaluate,
+    ingest,
+    logits,
+    reshard,
+    run,
+    select,
+    status,
+    submit,
+    teacher,
+    train,
+    verify,
+)
+from pipeline.errors import KdpipeError
+from pipeline.log import setup_logging
+
+log = logging.getLogger("kdpipe")
+COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
+            check_views)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="kdpipe", description="Offline teacher logits for distillation "
+                                     "and billion-scale semi-supervised learning.")
+    parser.add_argument("--version", action="version", version=f"kdpipe {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 some parts failed, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except KdpipeError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Report publishing shared by every stage that writes a report: figures, PNG rendering, the report manifest.
+
+matplotlib (about 0.5 s to import) is loaded by ``new_figure`` on the first figure, so a stage that writes no
+plot (or ``kdpipe verify``/``status``, which import this module's neighbours) never pays for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline import manifest as mf
+from pipeline.atomic import write_atomic
+from pipeline.errors import ManifestError
+
+if TYPE_CHECKING:  # annotations only: matplotlib loads with the first figure
+    from matplotlib.figure import Figure
+
+
+def new_figure(**kwargs) -> Figure:
+    """A matplotlib ``Figure`` (no pyplot state); ``kwargs`` go to its constructor (``figsize``, ``dpi``)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes (Agg canvas, no pyplot state, no ``Software`` stamp: equal figures, equal bytes)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def publish_report(out: Path, files: dict[str, bytes], *, stage: str, params: dict, totals: dict,
+                   inputs: list[dict]) -> Path:
+    """Write ``files`` (name -> bytes) and the report manifest in ``out``; keep an identical existing report.
+
+    Raises:
+        ManifestError: ``out`` already holds a different report.
+    """
+    out = Path(out)
+    entries = [{"path": name, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+               for name, body in sorted(files.items())]
+    data = mf.build("report", stage=stage, params=params, files=entries, totals=totals, inputs=inputs)
+    target = out / mf.MANIFEST_NAME
+    if target.exists():
+        existing = mf.load(target, kind="report")
+        if existing.id == data["id"]:
+            return target
+        raise ManifestError(f"{target} holds another report (id {existing.id[:12]} vs {data['id'][:12]}); "
+                            "write to a new --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, body in sorted(files.items()):
+        write_atomic(out / name, body)
+    return mf.write(data, out)

@@ -1,0 +1,107 @@
+"""A per-class image gallery of a selection: its top images and the last ones admitted, for eyeballing labels.
+
+The images are found through the lineage (selection -> logits manifest ``inputs`` -> dataset manifest), or
+a dataset manifest given explicitly; shards are read with ``stages.shardio.read_shard`` (checksums and
+counts checked) and images rendered with ``stages.imaging`` (the project's one decode policy). Only the
+shards holding a wanted image are read; memory is the thumbnails (classes x 2N small images).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import manifest as mf
+from pipeline.errors import KdpipeError
+from stages.artifacts.lineage import resolve_lineage
+from stages.artifacts.reports import new_figure, png_bytes
+from stages.imaging import Preprocess, SampleError, centre_box, decode, find_image, render
+from stages.shardio import ShardStats, read_shard
+
+log = logging.getLogger(__name__)
+THUMB = Preprocess(size=64, crop_fraction=1.0)
+
+
+def find_dataset(selection: mf.Manifest, dataset: str | Path | None) -> mf.Manifest | None:
+    """The dataset behind ``selection``: ``dataset`` if given (its id must match), else via the lineage."""
+    try:
+        return resolve_lineage(selection, dataset, need_logits=False).dataset
+    except KdpipeError as exc:
+        if dataset is not None:
+            raise
+        log.warning("gallery skipped: the dataset is not reachable through the lineage (%s); pass --dataset", exc)
+        return None
+
+
+def pick(table: pa.Table, per_class: int) -> dict[int, tuple[list[int], list[int]]]:
+    """Row indices per label: the ``per_class`` top originals and the ``per_class`` last admitted."""
+    labels = table.column("label").to_numpy()
+    originals = np.flatnonzero(table.column("dup").to_numpy() == 0)
+    out = {}
+    for label in np.unique(labels[originals]):
+        rows = originals[labels[originals] == label]
+        top = rows[:per_class].tolist()
+        out[int(label)] = (top, [r for r in rows[-per_class:].tolist() if r not in top])
+    return out
+
+
+def gallery_files(selection: mf.Manifest, table: pa.Table, per_class: int,
+                  dataset: str | Path | None = None) -> dict[str, bytes]:
+    """The PNG of each selected class, by its path in the report: ``gallery/class-<label>.png``."""
+    data = find_dataset(selection, dataset)
+    if data is None:
+        return {}
+    picks = pick(table, per_class)
+    wanted = {int(i) for top, last in picks.values() for i in top + last}
+    keys = table.column("key").to_pylist()
+    shards = table.column("shard").to_numpy()
+    thumbs = fetch_thumbnails(data, {keys[i]: int(shards[i]) for i in wanted})
+    scores = table.column("score").to_numpy()
+    files = {}
+    for label, (top, last) in sorted(picks.items()):
+        name = f"gallery/class-{label:05d}.png"
+        title = f"class {selection.params['class_names'][label]}: top {len(top)} / last {len(last)} admitted"
+        panels = [[(keys[i], scores[i], thumbs.get(keys[i])) for i in row] for row in (top, last)]
+        files[name] = _grid_png(title, panels)
+    return files
+
+
+def fetch_thumbnails(data: mf.Manifest, wanted: dict[str, int]) -> dict[str, np.ndarray | None]:
+    """Thumbnails (HWC uint8) of the wanted keys (key -> shard index); None for an image that fails."""
+    out: dict[str, np.ndarray | None] = {}
+    for shard in sorted(set(wanted.values())):
+        entry = data.files[shard]
+        stats = ShardStats(str(entry["path"]))
+        for key, fields in read_shard(data.file_path(entry), stats, entry["sha256"], entry.get("samples")):
+            if wanted.get(key) == shard:
+                out[key] = _thumbnail(key, fields)
+    return out
+
+
+def _thumbnail(key: str, fields: dict) -> np.ndarray | None:
+    try:
+        img = decode(find_image(fields))
+        return render(img, centre_box(*img.size, THUMB), THUMB)
+    except SampleError as exc:
+        log.warning("gallery: %s not shown (%s)", key, exc.reason)
+        return None
+
+
+def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
+    cols = max(1, max(len(row) for row in panels))
+    fig = new_figure(figsize=(1.4 * cols, 3.4))
+    axes = fig.subplots(2, cols, squeeze=False)
+    for r, row in enumerate(panels):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                key, score, thumb = row[c]
+                ax.imshow(thumb if thumb is not None else np.zeros((8, 8, 3), np.uint8))
+                ax.set_title(f"{key[-12:]}\n{score:.3f}", fontsize=6)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return png_bytes(fig, dpi=80)

@@ -1,0 +1,140 @@
+"""The selection report in ``DIR/report/``: per-class counts against the quota, score quantiles, short
+classes, multi-label images (JSON + CSV), a counts bar chart and score histograms (PNG), an optional
+per-class gallery, and a ``report`` manifest (input: the selection) listing every file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import manifest as mf
+from stages.artifacts.reports import new_figure, png_bytes, publish_report
+from stages.select.gallery import gallery_files
+
+log = logging.getLogger(__name__)
+REPORT_DIR = "report"
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
+                 dataset: str | Path | None = None) -> Path:
+    """Write the report beside ``selection``; return the report manifest's path (kept if it exists).
+
+    Args:
+        selection: the finalized selection manifest.
+        stats: the reduce's counts: ``candidates`` per class (images whose top-P held the class, after
+            exclusion), ``unique_images``, ``multi_label_images``, ``max_labels_per_image``.
+        gallery: images per class in the gallery (the top ones and the last admitted); 0 for none.
+        dataset: dataset manifest holding the images (default: selection -> logits -> dataset lineage).
+    """
+    folder = selection.folder / REPORT_DIR
+    target = folder / mf.MANIFEST_NAME
+    if target.exists():
+        log.info("%s exists; delete %s to redo the report", target, folder)
+        return target
+    table = _read_selection(selection)
+    summary, rows = summarize(table, selection.params, stats)
+    files = {"selection_report.json": json.dumps(summary, indent=1, sort_keys=True).encode() + b"\n",
+             "per_class.csv": _csv(rows), "counts.png": _counts_png(rows), "scores.png": _scores_png(table, rows)}
+    if gallery > 0:
+        files.update(gallery_files(selection, table, gallery, dataset))
+    return publish_report(folder, files, stage="select-report",
+                          params={"of": "selection", "selection_id": selection.id},
+                          totals={"rows": summary["rows"], "classes": len(summary["per_class"])},
+                          inputs=[mf.input_ref(selection, folder, "selection")])
+
+
+def _read_selection(selection: mf.Manifest) -> pa.Table:
+    tables = [pq.read_table(selection.file_path(e), columns=["key", "shard", "label", "score", "rank", "dup"])
+              for e in selection.files]
+    return pa.concat_tables(tables)
+
+
+def summarize(table: pa.Table, params: dict, stats: dict) -> tuple[dict, list[dict]]:
+    """The report's summary dict and one row per class (quota, candidates, selected, copies, quantiles)."""
+    names, quotas = params["class_names"], params["per_class"]
+    labels = table.column("label").to_numpy()
+    dup = table.column("dup").to_numpy()
+    scores = table.column("score").to_numpy()
+    original = dup == 0
+    counts = np.bincount(labels[original], minlength=len(names))
+    copies = np.bincount(labels[~original], minlength=len(names))
+    bounds = np.searchsorted(labels[original], np.arange(len(names) + 1))
+    ordered = scores[original]
+    rows = [_class_row(c, names[c], quotas[c], stats["candidates"][c], counts[c], copies[c],
+                       ordered[bounds[c]:bounds[c + 1]]) for c in range(len(names))]
+    short = [r["class"] for r in rows if r["short"]]
+    summary = {"rows": table.num_rows, "originals": int(original.sum()), "copies": int((~original).sum()),
+               **{k: stats[k] for k in ("unique_images", "multi_label_images", "max_labels_per_image")},
+               "quota_total": int(sum(quotas)), "classes_short": short, "num_classes_short": len(short),
+               "policy": params["policy"], "top_p": params["top_p"], "min_score": params["min_score"],
+               "temperature": params["temperature"], "per_class": rows}
+    return summary, rows
+
+
+def _class_row(label: int, name: str, quota: int, candidates: int, selected: int, copies: int,
+               scores: np.ndarray) -> dict:
+    quant = np.quantile(scores, QUANTILES).tolist() if len(scores) else [None] * len(QUANTILES)
+    row = {"label": label, "class": name, "quota": int(quota), "candidates": int(candidates),
+           "selected": int(selected), "copies": int(copies), "short": bool(selected < quota)}
+    row.update({f"score_q{int(q * 100):02d}": (None if v is None else round(float(v), 6))
+                for q, v in zip(QUANTILES, quant)})
+    return row
+
+
+def _csv(rows: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def _counts_png(rows: list[dict]) -> bytes:
+    edges = np.arange(len(rows) + 1) - 0.5
+    selected = np.array([r["selected"] for r in rows])
+    fig = new_figure(figsize=(max(6.0, min(16.0, 0.3 * len(rows))), 4))
+    ax = fig.add_subplot()
+    ax.stairs(selected, edges, fill=True, color="tab:blue", label="selected")
+    ax.stairs(selected + np.array([r["copies"] for r in rows]), edges, baseline=selected, fill=True,
+              color="tab:orange", label="balance copies")
+    ax.stairs([r["quota"] for r in rows], edges, color="red", linewidth=1.5, zorder=3, label="quota")
+    if len(rows) <= 40:
+        ax.set_xticks(np.arange(len(rows)), [r["class"] for r in rows], rotation=90, fontsize=7)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    ax.set_title("selected per class vs quota")
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(bottom=0.2)
+    return png_bytes(fig, dpi=90)
+
+
+def _scores_png(table: pa.Table, rows: list[dict], panels: int = 15) -> bytes:
+    original = table.filter(pc.equal(table.column("dup"), 0))
+    labels, scores = original.column("label").to_numpy(), original.column("score").to_numpy()
+    shown = [r["label"] for r in rows if r["selected"]][:panels]
+    cols = 4
+    nrows = (len(shown) + 1 + cols - 1) // cols
+    fig = new_figure(figsize=(3 * cols, 2.2 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    bins = np.linspace(0, 1, 41)
+    axes[0][0].stairs(np.histogram(scores, bins)[0], bins, fill=True, color="tab:gray")
+    axes[0][0].set_title("all classes", fontsize=8)
+    for slot, label in enumerate(shown, start=1):
+        ax = axes[slot // cols][slot % cols]
+        ax.stairs(np.histogram(scores[labels == label], bins)[0], bins, fill=True, color="tab:blue")
+        ax.set_title(f"class {rows[label]['class']}", fontsize=8)
+    for slot in range(len(shown) + 1, nrows * cols):
+        axes[slot // cols][slot % cols].axis("off")
+    fig.suptitle("score p(label|x) of selected images")
+    fig.subplots_adjust(hspace=0.6, wspace=0.3)
+    return png_bytes(fig, dpi=90)

@@ -1,0 +1,246 @@
+"""Select: exact per-class top-K pseudo-labels from a logits artifact, as array-task map + one reduce.
+
+Map: task i of n streams its block of logits parts (``plan_block``) through ``ClassTopK`` and commits its
+exact per-class candidates (top K_l within the block) as ``DIR/_map/tasks-<n>/part-<i>.parquet``.
+Reduce: when every map part is committed (the last task to finish, or ``--finalize``), the map parts are
+streamed through the same accumulator; the result, with ranks and balance copies, is committed as
+``DIR/part-000000.parquet``; then the selection manifest and the report (``DIR/report/``) are written.
+Memory is O(classes x K) plus one read batch in both steps; the output is the same for any n.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import manifest as mf
+from pipeline.errors import ManifestError, PartFailed
+from pipeline.parts import PartResult, PartStore, fingerprint, part_name
+from pipeline.planning import plan_block
+from pipeline.tasks import file_entries, finalize, run_parts, task_info
+from pipeline.verify import parquet_rows
+from stages.artifacts.exclusion import Exclusion, load_exclusion
+from stages.artifacts.logits_format import SCHEMA_VERSION as LOGITS_SCHEMA_VERSION
+from stages.artifacts.logits_format import read_metadata
+from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
+from stages.artifacts.parquet import write_parquet
+from stages.artifacts.selection import SCHEMA_VERSION
+from stages.select.output import final_table, payload_columns
+from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
+from stages.select.report import write_report
+from stages.select.topk import ClassTopK
+
+log = logging.getLogger(__name__)
+CODE_VERSION = "select-1"
+MAP_DIR = "_map"
+ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts
+_TYPED = ("key", "shard", "topk_index", "topk_logit", "lse")
+
+
+def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy: str = "topk", top_p: int = 10,
+           min_score: float = 0.0, balance: bool = False, soft_targets: bool = False,
+           exclude: str | Path | None = None, task_index: int = 0, num_tasks: int = 1,
+           finalize_only: bool = False, do_finalize: bool = True, batch_rows: int = 65536,
+           gallery: int = 0, dataset: str | Path | None = None, retry_failed: bool = False,
+           max_attempts: int = 3) -> Path | None:
+    """Run one array task of ``kdpipe select``; reduce and finalize when all map parts exist.
+
+    Args:
+        logits: logits manifest (file or folder).
+        out: output folder of the selection.
+        per_class: K per class: an integer, or a CSV/JSON file (class -> K). Also the cap of ``threshold``.
+        policy: ``topk`` (top-P membership, rank by p(l|x)) or ``threshold`` (argmax, min_score, cap).
+        top_p: P of the ``topk`` policy (at most the stored top-K).
+        min_score: the smallest score admitted (both policies).
+        balance: ``threshold`` only: duplicate rows of classes under the cap to reach it (``dup`` > 0).
+        soft_targets: carry ``topk_index``, ``topk_logit``, ``lse`` into the selection.
+        exclude: an exclusion manifest (from dedup); its keys are dropped before ranking.
+        task_index: this map task; num_tasks: how many map tasks.
+        finalize_only: only reduce and write the manifest (every map part must be committed).
+        do_finalize: reduce when every map part is committed (otherwise stop after the map).
+        batch_rows: rows per read batch (bounds the read buffer).
+        gallery: images per class in the report's gallery (top and last admitted); 0 for none.
+        dataset: the dataset manifest for the gallery (default: the logits' lineage).
+        retry_failed: retry a map part that failed ``max_attempts`` times before.
+        max_attempts: give up on a part after this many failures.
+
+    Returns:
+        The selection manifest's path, or None while other map tasks are still missing.
+    """
+    logits_set = open_logits(logits)
+    spec = make_spec(policy, per_class, top_p, logits_set.class_names, logits_set.topk, min_score, balance,
+                     soft_targets)
+    exclusion = load_exclusion(exclude) if exclude else None
+    preflight(logits_set)
+    out = Path(out)
+    params = selection_params(logits_set, spec, exclusion)
+    maps = map_store(out, params, num_tasks)
+    if not finalize_only:
+        _run_map(maps, logits_set, spec, exclusion, task_index, num_tasks, batch_rows, retry_failed, max_attempts)
+    missing = [i for i in range(num_tasks) if maps.committed(i, verify=False) is None]
+    if missing and finalize_only:
+        raise ManifestError(f"{maps.out_dir}: cannot finalize, map part(s) {', '.join(map(part_name, missing[:10]))}"
+                            f" of {num_tasks} are not committed; run those tasks first")
+    if missing or not do_finalize:
+        log.info("%s: map task %d/%d done; %d map part(s) pending", out, task_index, num_tasks, len(missing))
+        return None
+    return reduce_selection(out, logits_set, spec, exclusion, params, maps, num_tasks, batch_rows, gallery, dataset)
+
+
+def selection_params(logits_set: LogitsSet, spec: SelectSpec, exclusion: "Exclusion | None") -> dict:
+    """The selection manifest's params (also the fingerprint of its parts)."""
+    lp = logits_set.params
+    return {**spec.to_params(), "logits_id": logits_set.id, "dataset_id": lp["dataset_id"],
+            "teacher_id": lp["teacher_id"], "num_classes": logits_set.num_classes,
+            "class_names": logits_set.class_names, "temperature": logits_set.temperature,
+            "topk": logits_set.topk, "exclude_id": exclusion.manifest.id if exclusion else None,
+            "selection_schema_version": SCHEMA_VERSION}
+
+
+def map_store(out: Path, params: dict, num_tasks: int) -> PartStore:
+    """The map parts of an ``num_tasks``-task run (each task's exact per-class candidates)."""
+    fp = fingerprint("select-map", {**params, "num_tasks": num_tasks}, CODE_VERSION)
+    return PartStore(out / MAP_DIR / f"tasks-{num_tasks}", ".parquet", fp, parquet_rows)
+
+
+def preflight(logits_set: LogitsSet) -> None:
+    """Refuse, before any work, logits parts whose metadata or column types differ, naming every one."""
+    expected = {key: logits_set.params[key] for key in AGREEING}
+    expected["schema_version"] = LOGITS_SCHEMA_VERSION
+    bad, first_types = [], None
+    for index in range(logits_set.num_parts):
+        path = logits_set.part_path(index)
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # a cut footer raises ArrowInvalid and friends
+            bad.append(f"{path.name} (unreadable: {type(exc).__name__})")
+            continue
+        meta = read_metadata(schema)
+        diffs = [f"{k}={meta.get(k)!r} not {v!r}" for k, v in expected.items() if meta.get(k) != v]
+        types = [str(schema.field(c).type) if c in schema.names else None for c in _TYPED]
+        first_types = first_types or types
+        if types != first_types:
+            diffs.append(f"column types {types} differ from the first part's {first_types}")
+        if diffs:
+            bad.append(f"{path.name} ({'; '.join(diffs)})")
+    if bad:
+        raise ManifestError(f"{logits_set.manifest.path}: {len(bad)} logits part(s) differ in temperature, "
+                            f"top-K, classes, teacher or schema: {', '.join(bad[:10])}; a selection never "
+                            "mixes logits runs: recompute those parts or select from each run separately")
+
+
+def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion, task_index: int,
+             num_tasks: int, batch_rows: int, retry_failed: bool, max_attempts: int) -> None:
+    block = plan_block(task_index, num_tasks, logits_set.num_parts)
+    write = lambda tmp: map_block(tmp, logits_set, spec, exclusion, block, batch_rows)
+    produce = lambda index: maps.commit(index, write, task_info(task_index, num_tasks))
+    report = run_parts(maps, [task_index], produce, max_attempts=max_attempts, retry_failed=retry_failed,
+                       desc="select map")
+    if report.exit_code:
+        raise PartFailed(f"{maps.out_dir}: map task {task_index} failed: {report.failed or report.given_up}")
+
+
+def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None, block: range,
+              batch_rows: int) -> PartResult:
+    """Stream logits parts ``block`` and write their exact per-class candidates to ``tmp``."""
+    columns = payload_columns(spec.soft_targets)
+    schema = pq.read_schema(logits_set.part_path(0))
+    payload = pa.schema([schema.field(c) for c in columns] + [pa.field(ROW_ID, pa.int64())])
+    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
+    scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
+    views = "view" in schema.names
+    read = ["key", "shard", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
+    images = excluded = 0
+    for part in block:
+        offset = 0
+        for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
+            seen, dropped = _offer(acc, scorer, batch, (part << 32) + offset, columns, exclusion, views)
+            images, excluded, offset = images + seen, excluded + dropped, offset + batch.num_rows
+    table = acc.result()
+    write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
+    log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
+             block.start, block.stop - 1, table.num_rows, acc.compactions)
+    extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}
+    return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
+                      extra=extra)
+
+
+def _offer(acc: ClassTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, columns: list[str],
+           exclusion: Exclusion | None, views: bool) -> tuple[int, int]:
+    """Offer one logits batch's candidates to ``acc``; return (images seen, images excluded)."""
+    dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
+    excluded = 0 if dropped is None else int(dropped.sum())
+    seen = batch.num_rows
+    if views:  # multi-view logits: an image is ranked by its centre view (view 0) only
+        other = batch.column("view").to_numpy() != 0
+        dropped = other if dropped is None else (dropped | other)
+        seen = int((~other).sum())
+    labels, scores, rows = scorer(batch, acc.thr, dropped)
+    payload = pa.Table.from_batches([batch.select(columns).take(pa.array(rows))])
+    acc.add(labels, scores, payload.append_column(ROW_ID, pa.array(first_id + rows)))
+    return seen, excluded
+
+
+def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None,
+                     params: dict, maps: PartStore, num_tasks: int, batch_rows: int, gallery: int,
+                     dataset: str | Path | None) -> Path:
+    """Merge the map parts into ``part-000000.parquet``, write the manifest and the report."""
+    store = PartStore(out, ".parquet", fingerprint("select", params, CODE_VERSION), parquet_rows)
+    receipts = [maps.committed(i) for i in range(num_tasks)]
+    if any(r is None for r in receipts):
+        raise ManifestError(f"{maps.out_dir}: a map part changed or vanished since it was committed; rerun")
+    totals = _map_totals(receipts)
+    write = lambda tmp: _reduce_write(tmp, maps, spec, params, num_tasks, batch_rows, totals)
+    report = run_parts(store, [0], lambda index: store.commit(index, write), desc="select reduce")
+    if report.exit_code:
+        raise PartFailed(f"{out}: the reduce failed: {report.failed or report.given_up}")
+    stats = store.committed(0, verify=False)["extra"]
+    inputs = [mf.input_ref(logits_set.manifest, out, "logits")]
+    if exclusion:
+        inputs.append(mf.input_ref(exclusion.manifest, out, "exclude"))
+    build = lambda parts: mf.build(
+        "selection", stage="select", params=params, files=file_entries(parts), inputs=inputs,
+        totals={"rows": sum(p["rows"] for p in parts), "samples": sum(p["rows"] for p in parts),
+                "images_read": totals["images"], "excluded": totals["excluded"],
+                "classes": logits_set.num_classes})
+    path = finalize(store, 1, build)
+    write_report(mf.load(path, kind="selection"), stats, gallery=gallery, dataset=dataset)
+    return path
+
+
+def _map_totals(receipts: list[dict]) -> dict:
+    candidates = np.sum([r["extra"]["candidates"] for r in receipts], axis=0).astype(np.int64)
+    return {"images": sum(r["extra"]["images"] for r in receipts),
+            "excluded": sum(r["extra"]["excluded"] for r in receipts), "candidates": candidates.tolist()}
+
+
+def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, num_tasks: int, batch_rows: int,
+                  totals: dict) -> PartResult:
+    top = _merge_maps(maps, spec, num_tasks, batch_rows)
+    meta = {"schema_version": SCHEMA_VERSION, "logits_id": params["logits_id"], "policy": spec.policy,
+            "temperature": params["temperature"], "topk": params["topk"], "top_p": spec.depth}
+    table = final_table(top, spec, meta)
+    write_parquet(table, tmp)
+    _, per_image = np.unique(top.column(ROW_ID).to_numpy(), return_counts=True)
+    images = {"unique_images": len(per_image), "multi_label_images": int((per_image > 1).sum()),
+              "max_labels_per_image": int(per_image.max()) if len(per_image) else 0}
+    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra={**totals, **images})
+
+
+def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: int) -> pa.Table:
+    """The exact top rows over all map parts (one map part is already exact and sorted)."""
+    if num_tasks == 1:
+        return pq.read_table(maps.part_path(0))
+    columns = payload_columns(spec.soft_targets) + [ROW_ID]
+    schema = pq.read_schema(maps.part_path(0))
+    payload = pa.schema([schema.field(c) for c in columns])
+    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
+    for index in range(num_tasks):
+        for batch in pq.ParquetFile(maps.part_path(index)).iter_batches(batch_size=batch_rows):
+            labels = batch.column("label").to_numpy()
+            acc.add(labels, batch.column("score").to_numpy(), pa.Table.from_batches([batch.select(columns)]))
+    return acc.result()

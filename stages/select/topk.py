@@ -1,0 +1,148 @@
+"""Exact streaming per-class top-K: memory O(classes x K) plus one batch, never O(images).
+
+``ClassTopK`` keeps, for every class l, a running admission threshold ``thr[l]``: once the class holds its
+quota K_l, a new candidate can only enter if its score is >= the K_l-th best score seen so far. Candidates
+that pass are appended to a buffer; when the buffer exceeds ``cap`` rows it is compacted back to at most
+K_l rows per class. Compaction groups rows by label (radix sort), finds each class's K_l-th score s* with
+``np.partition``, keeps every row above s* and breaks ties at s* by key ascending (the few rows in such
+a tie are the only ones whose keys are compared). Thresholds only ever rise, so the final
+rows are exactly those of a full sort of all candidates by (label, score desc, key asc).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def composite(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """int64 values ordering rows by label ascending, then score descending (scores are >= 0)."""
+    bits = np.ascontiguousarray(scores, dtype=np.float32).view(np.uint32).astype(np.int64)
+    return (labels.astype(np.int64) << 32) | (np.int64(0xFFFFFFFF) - bits)
+
+
+class ClassTopK:
+    """Per-class top-K_l accumulator over (label, score, payload row) candidates.
+
+    Args:
+        quotas: K_l per class (int array of length C); 0 admits nothing for that class.
+        floor: the minimum score admitted (``--min-score``); thresholds never go below it.
+        cap: compact when the buffer holds more rows than this (default 2 x sum K_l, at least 65536).
+        schema: the payload's schema (for an empty result); default a lone ``key`` column.
+    """
+
+    def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None,
+                 schema: pa.Schema | None = None):
+        self.schema = schema or pa.schema([pa.field("key", pa.string())])
+        self.quotas = np.asarray(quotas, dtype=np.int64)
+        self.floor = np.float32(floor)
+        self.thr = np.where(self.quotas > 0, self.floor, np.float32(np.inf)).astype(np.float32)
+        self.cap = cap if cap is not None else max(2 * int(self.quotas.sum()), 65536)
+        self._labels: list[np.ndarray] = []
+        self._scores: list[np.ndarray] = []
+        self._payload: list[pa.Table] = []
+        self._rows = 0
+        self.compactions = 0
+
+    def add(self, labels: np.ndarray, scores: np.ndarray, payload: pa.Table) -> None:
+        """Offer candidates (``payload`` has one row per candidate, with a ``key`` column)."""
+        keep = scores >= self.thr[labels]
+        if not keep.all():
+            where = np.flatnonzero(keep)
+            labels, scores, payload = labels[where], scores[where], payload.take(pa.array(where))
+        if len(labels) == 0:
+            return
+        self._labels.append(labels.astype(np.int32, copy=False))
+        self._scores.append(scores.astype(np.float32, copy=False))
+        self._payload.append(payload)
+        self._rows += len(labels)
+        if self._rows > self.cap:
+            self.compact()
+
+    def compact(self) -> None:
+        """Reduce the buffer to the exact top K_l rows per class and raise the thresholds."""
+        labels, scores, payload = self._concat()
+        if len(labels) == 0:
+            return
+        keep, kth = _exact_keep(labels, scores, payload.column("key"), self.quotas)
+        labels, scores = labels[keep], scores[keep]
+        payload = payload.take(pa.array(keep))
+        full = ~np.isnan(kth)
+        self.thr[full] = np.maximum(self.thr[full], kth[full])
+        self._labels, self._scores, self._payload = [labels], [scores], [payload]
+        self._rows = len(labels)
+        self.compactions += 1
+
+    def _concat(self) -> tuple[np.ndarray, np.ndarray, pa.Table]:
+        if not self._labels:
+            return np.empty(0, np.int32), np.empty(0, np.float32), self.schema.empty_table()
+        labels = np.concatenate(self._labels)
+        scores = np.concatenate(self._scores)
+        payload = pa.concat_tables(self._payload).combine_chunks()
+        return labels, scores, payload
+
+    def result(self) -> pa.Table:
+        """The exact top rows as a table with ``label``, ``score`` and the payload, by (label asc, score desc, key asc)."""
+        self.compact()
+        labels, scores, payload = self._concat()
+        order = sorted_order(labels, scores, payload.column("key"), len(self.quotas))
+        table = payload.take(pa.array(order))
+        table = table.append_column("label", pa.array(labels[order], pa.int32()))
+        return table.append_column("score", pa.array(scores[order], pa.float32()))
+
+
+def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row order grouping rows by label (a stable radix sort on 16-bit labels), rows per class, starts."""
+    small = labels.astype(np.uint16) if num_classes <= 65536 else labels
+    counts = np.bincount(labels, minlength=num_classes)
+    return np.argsort(small, kind="stable"), counts, np.cumsum(counts) - counts
+
+
+def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array,
+                 num_classes: int) -> np.ndarray:
+    """Row order by (label asc, score desc, key asc): numeric sorts per class, keys compared only in ties."""
+    order, counts, starts = group_by_label(labels, num_classes)
+    grouped = scores[order]
+    for cls in np.flatnonzero(counts > 1):
+        seg = slice(starts[cls], starts[cls] + counts[cls])
+        order[seg] = order[seg][np.argsort(-grouped[seg], kind="stable")]
+    comp = composite(labels[order], scores[order])
+    equal = comp[1:] == comp[:-1]
+    if equal.any():
+        tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])
+        rows = order[tied]
+        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows))})
+        order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending")]).to_numpy()]
+    return order
+
+
+def _exact_keep(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray,
+                quotas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the exact top K_l rows per class, and each full class's K_l-th score (NaN if not full).
+
+    Each full class's K_l-th largest score s* comes from ``np.partition`` of its rows; rows above s* are
+    kept, rows equal to s* are kept by key ascending until the class holds K_l rows.
+    """
+    num_classes = len(quotas)
+    order, counts, starts = group_by_label(labels, num_classes)
+    full = (counts > quotas) & (quotas > 0)
+    kth = np.full(num_classes, np.nan, np.float32)
+    grouped = scores[order]
+    for cls in np.flatnonzero(full):
+        at = counts[cls] - quotas[cls]
+        kth[cls] = np.partition(grouped[starts[cls]:starts[cls] + counts[cls]], at)[at]
+    bound = kth[labels]
+    with np.errstate(invalid="ignore"):
+        above = scores > bound
+        keep = above | (~full & (quotas > 0))[labels]
+        tied = np.flatnonzero(scores == bound)
+    room = quotas - np.bincount(labels[above], minlength=num_classes)
+    tied_labels = labels[tied]
+    fits = np.bincount(tied_labels, minlength=num_classes) <= room
+    keep[tied[fits[tied_labels]]] = True
+    for cls in np.flatnonzero(~fits):
+        rows = tied[tied_labels == cls]
+        by_key = pc.sort_indices(pc.take(keys, pa.array(rows))).to_numpy()
+        keep[rows[by_key[: room[cls]]]] = True
+    return np.flatnonzero(keep), kth
