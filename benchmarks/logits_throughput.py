@@ -30,7 +30,7 @@ from stages.logits.data import ShardBlock, ShardRef, make_loader
 from stages.logits.inference import Engine, resolve_device
 from stages.logits.stage import compute_logits, default_workers
 from stages.logits.write import PartRows, part_table, write_part
-from stages.models import build_model
+from stages.models.classifiers import build_model
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[bytes]:

@@ -87,7 +87,7 @@ def make_card(out: Path) -> Path:
 
     from stages.artifacts.cards import write_card
     from stages.imaging import Preprocess
-    from stages.models import build_model
+    from stages.models.classifiers import build_model
 
     torch.manual_seed(0)
     pp = Preprocess(size=16, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -35,7 +35,7 @@ from pipeline.parts import PartResult, PartStore, fingerprint  # noqa: E402
 from pipeline.tasks import file_entries, finalize, run_parts  # noqa: E402
 from stages import imaging  # noqa: E402
 from stages.imaging import Preprocess  # noqa: E402
-from stages.models import build_model  # noqa: E402
+from stages.models.classifiers import build_model  # noqa: E402
 from stages.shardio import count_samples, write_shard  # noqa: E402
 from stages.train.config import TrainConfig  # noqa: E402
 from stages.train.data import make_loader  # noqa: E402

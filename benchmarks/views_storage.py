@@ -31,7 +31,7 @@ from stages.imaging import Preprocess
 from stages.ingest.stage import ingest
 from stages.logits.stage import compute_logits
 from stages.logits.write import PartRows, part_table, write_part
-from stages.models import build_model
+from stages.models.classifiers import build_model
 from stages.views.render import sample_views
 from stages.views.spec import parse_aug
 

@@ -1,7 +1,8 @@
-"""kdpipe's framework: CLI, config, manifests, atomic part commits, task planning, cluster submission, status.
+"""kdpipe's framework core: manifests, paths, atomic commits, parts and receipts, tasks, planning, signals,
+verify, config, options, errors, hashing, logging; plus ONE entry subpackage, ``pipeline.cli`` (the command
+line, run, submit, status, templates, configs), the only code that imports stages.
 
-The core modules (errors, hashing, atomic, paths, manifest, parts, planning, log) import nothing from
-``stages``; only the entry modules (``cli``, ``commands``, ``run``, ``submit``) do.
+The core imports nothing from ``stages`` and nothing from ``pipeline.cli`` (``tests/test_layout.py``).
 """
 
 __version__ = "0.1.0"

@@ -17,8 +17,8 @@ from pipeline import manifest as mf
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.tasks import file_entries, finalize, run_parts
 from pipeline.verify import parquet_rows
-from stages.imaging import Preprocess
 from stages.artifacts.logits_format import SCHEMA_VERSION, arrow_schema
+from stages.imaging import Preprocess
 
 FAKE_TEACHER_ID = "f" * 64
 FAKE_DATASET_ID = "d" * 64
@@ -182,12 +182,12 @@ def make_multiview_logits(out: Path, data: Path, teacher: Path, spec, *, topk: i
     """
     import torch
 
+    from stages.artifacts.cards import load_classifier, preprocess_of
+    from stages.artifacts.views import with_views
     from stages.imaging import find_image, normalise
     from stages.shardio import ShardStats, read_shard
-    from stages.artifacts.cards import load_classifier, preprocess_of
-    from stages.views.spec import manifest_views
     from stages.views.render import render_shard_views
-    from stages.artifacts.views import with_views
+    from stages.views.spec import manifest_views
 
     dataset = mf.load(data, kind="dataset")
     model, card = load_classifier(teacher)

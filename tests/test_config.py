@@ -11,9 +11,9 @@ import yaml
 
 from pipeline import manifest as mf
 from pipeline.cli import main
+from pipeline.cli.run import run_pipeline
 from pipeline.config import CONFIG_HASH_ENV, config_from_dict, load_config, load_resolved, stage_argv, stage_env
 from pipeline.errors import InputError
-from pipeline.cli.run import run_pipeline
 from tests.slurm_helpers import REPO, part_digests
 
 FAKE = {"command": "slow", "entry": "tests.fake_stage", "args": {"parts": 4, "rows": 3}}

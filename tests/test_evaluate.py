@@ -12,14 +12,14 @@ import torch
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError, ManifestError
+from stages.artifacts.cards import write_card
 from stages.evaluate.metrics import Accumulator, kl_teacher_student
 from stages.evaluate.report import confusion_csv
 from stages.evaluate.stage import evaluate, precision_report, pseudo_label_precision
 from stages.imaging import Preprocess
 from stages.ingest.stage import ingest
 from stages.logits.stage import compute_logits
-from stages.models import build_model
-from stages.artifacts.cards import write_card
+from stages.models.classifiers import build_model
 from tests.factories import make_selection
 
 PP = Preprocess(size=16)

@@ -61,6 +61,7 @@ def parquet_keys(path: Path) -> list[str]:
 
 def _ingest_case() -> Case:
     from PIL import Image
+
     from stages.ingest.stage import ingest
 
     def setup(root: Path) -> dict:

@@ -20,8 +20,8 @@ from PIL import Image
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError
-from stages.logits import inference
 from stages.ingest.base import ingest_grown
+from stages.logits import inference
 from stages.logits.stage import compute_logits
 from stages.select.stage import select
 from tests.slurm_helpers import REPO
@@ -222,8 +222,8 @@ def test_a_new_key_already_in_the_base_is_refused_naming_it(unlabeled_base, tmp_
 
 
 def test_the_example_configs_growth_step_uncommented_submits_after_the_old_logits(tmp_path):
-    from pipeline.config import config_from_dict
     from pipeline.cli.submit import submit
+    from pipeline.config import config_from_dict
 
     lines = (REPO / "pipeline" / "cli" / "configs" / "example-cluster.yaml").read_text().splitlines()
     growth = ("  # data_v2", "  # logits_v2", "  #   ", "  #          ")

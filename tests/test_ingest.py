@@ -1,17 +1,16 @@
 """Ingest: bundled digits, labeled and flat folders -> shards + dataset manifest that `verify` checks."""
 
 import io
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
 from pipeline import manifest as mf
+from pipeline.cli import main
 from pipeline.errors import InputError
-from stages.ingest.stage import assign_splits, parse_split, plan_shards
 from stages.ingest.sources import make_key
+from stages.ingest.stage import assign_splits, parse_split, plan_shards
 from stages.shardio import ShardStats, read_shard
 
 

@@ -1,6 +1,5 @@
 """The logits stage on the bundled digits: exact top-K/lse against a plain forward, reader targets, identity."""
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,9 +8,15 @@ import torch
 
 from pipeline import manifest as mf
 from pipeline.cli import main
-from stages.logits.stage import compute_logits
-from stages.artifacts.logits_format import (dense_targets, fixed_list_to_numpy, read_metadata, residual_mass, softened_topk)
+from stages.artifacts.logits_format import (
+    dense_targets,
+    fixed_list_to_numpy,
+    read_metadata,
+    residual_mass,
+    softened_topk,
+)
 from stages.artifacts.logits_reader import open_logits
+from stages.logits.stage import compute_logits
 from tests.test_logits_support import digits_data, plain_logits, shard_images, train_card
 
 T, K = 2.5, 4

@@ -16,10 +16,10 @@ from pipeline.cli import main
 from pipeline.errors import FingerprintMismatch, InputError, PartFailed
 from pipeline.verify import verify
 from stages import imaging
+from stages.artifacts.cards import write_card
 from stages.artifacts.checks import CHECKS
 from stages.logits.stage import compute_logits
-from stages.models import build_model
-from stages.artifacts.cards import write_card
+from stages.models.classifiers import build_model
 from tests.test_logits_support import DIGITS_PP, NAMES, jpeg, make_dataset, relist, train_card
 
 RNG = np.random.default_rng(7)

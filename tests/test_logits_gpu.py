@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.logits.stage import compute_logits
 from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import open_logits
+from stages.logits.stage import compute_logits
 from tests.test_logits_support import NAMES, digits_data, jpeg, make_dataset, train_card
 
 pytestmark = pytest.mark.gpu

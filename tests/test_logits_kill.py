@@ -5,10 +5,10 @@ import subprocess
 import sys
 import textwrap
 
-from pipeline import manifest as mf
-from stages.logits.stage import compute_logits
 import numpy as np
 
+from pipeline import manifest as mf
+from stages.logits.stage import compute_logits
 from tests.test_logits_support import NAMES, jpeg, make_dataset, train_card
 
 # Runs the stage in a child that SIGKILLs itself on its 4th forward: inside part 1 (part 0 has 3 batches of 16).

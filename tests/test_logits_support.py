@@ -13,10 +13,10 @@ from PIL import Image
 from pipeline import manifest as mf
 from pipeline.hashing import canonical_json, sha256_file
 from stages import imaging
-from stages.ingest.stage import ingest
-from stages.models import build_model
-from stages.shardio import ShardStats, read_shard, write_shard
 from stages.artifacts.cards import load_classifier, preprocess_of, write_card
+from stages.ingest.stage import ingest
+from stages.models.classifiers import build_model
+from stages.shardio import ShardStats, read_shard, write_shard
 
 DIGITS_PP = imaging.Preprocess(size=28, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 NAMES = [str(d) for d in range(10)]

@@ -28,8 +28,8 @@ from pipeline.atomic import TEMP_PREFIX, temp_path_for
 from pipeline.hashing import sha256_file
 from pipeline.signals import FAULT_ENV
 from stages.artifacts.logits_reader import open_logits
-from stages.reshard.stage import iter_training_samples
 from stages.reshard.plan import sample_key
+from stages.reshard.stage import iter_training_samples
 from stages.shardio import ShardStats, read_shard
 from tests.test_faults import _fork
 from tests.test_reliability_support import RUNS, Chain, clean_chain

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli.submit import submit
 from pipeline.config import config_from_dict, stage_argv
 from pipeline.errors import InputError
-from pipeline.cli.submit import submit
 
 PAYLOADS = {"dquote": '"; touch {m} #', "squote": "'; touch {m} #", "subshell": "$(touch {m})",
             "backquote": "`touch {m}`", "directive": "x\n#SBATCH --uid=0"}

@@ -29,10 +29,10 @@ from pipeline.cli import main
 from pipeline.errors import IntegrityError, KdpipeError, PartFailed
 from pipeline.verify import verify
 from stages.artifacts.checks import CHECKS
+from stages.artifacts.logits_reader import open_logits
 from stages.dedup.stage import dedup
 from stages.evaluate.stage import evaluate
 from stages.logits.stage import compute_logits
-from stages.artifacts.logits_reader import open_logits
 from stages.reshard.stage import reshard
 from stages.select.stage import select
 from stages.train.config import TrainConfig
@@ -184,7 +184,7 @@ def test_dedup_rejects_a_logits_part_with_duplicate_keys(chain, tmp_path):
                          embeddings=True)
     body, words = wrong_parts(tmp_path / "emb" / "part-000002.parquet", 3)["duplicate_keys"]
     bad = relist(emb, 2, body, tmp_path / "bad")
-    with pytest.raises(KdpipeError, match=f"part-000002.parquet: key .* appears more than once"):
+    with pytest.raises(KdpipeError, match="part-000002.parquet: key .* appears more than once"):
         dedup(bad, tmp_path / "dedup")
     assert not (tmp_path / "dedup" / "manifest.json").exists()
 

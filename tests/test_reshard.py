@@ -9,10 +9,10 @@ import pytest
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import ManifestError
-from stages.ingest.stage import ingest
 from stages.artifacts.logits_reader import open_logits
-from stages.reshard.stage import iter_training_samples, reshard
+from stages.ingest.stage import ingest
 from stages.reshard.plan import plan_output_shards, plan_waves, sample_key
+from stages.reshard.stage import iter_training_samples, reshard
 from stages.shardio import ShardStats, read_shard
 from tests.factories import make_logits, make_selection
 
@@ -192,11 +192,11 @@ def test_real_logits_and_select_stages_feed_reshard(chain, tmp_path):
     """The real chain: a (random) teacher's logits, a balanced threshold selection, then reshard."""
     import torch
 
+    from stages.artifacts.cards import write_card
     from stages.imaging import Preprocess
     from stages.logits.stage import compute_logits
-    from stages.models import build_model
+    from stages.models.classifiers import build_model
     from stages.select.stage import select
-    from stages.artifacts.cards import write_card
 
     torch.manual_seed(0)
     card = write_card(tmp_path / "teacher", build_model("smallcnn", 10), arch="smallcnn",

@@ -15,8 +15,8 @@ from pipeline.cli import main
 from pipeline.errors import InputError, ManifestError
 from pipeline.hashing import sha256_file
 from stages.artifacts.logits_reader import open_logits
-from stages.select.stage import select
 from stages.artifacts.selection import check_selection_part
+from stages.select.stage import select
 from stages.select.topk import ClassTopK
 from tests.factories import make_exclusion, make_logits, random_shards
 

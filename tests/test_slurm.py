@@ -13,9 +13,9 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main
-from pipeline.config import load_config
 from pipeline.cli.run import run_pipeline
 from pipeline.cli.submit import load_submissions
+from pipeline.config import load_config
 from tests.slurm_helpers import array_states, digits_stage, job_state, part_digests, wait_jobs, write_config
 
 pytestmark = pytest.mark.slurm

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import manifest as mf
-from pipeline.config import load_config
 from pipeline.cli.run import run_pipeline
 from pipeline.cli.submit import load_submissions, submit
+from pipeline.config import load_config
 from tests.slurm_helpers import REPO, wait_jobs
 
 DEMO = Path(os.environ.get("KDPIPE_DEMO_CONFIG", REPO / "pipeline" / "cli" / "configs" / "demo.yaml"))

@@ -11,11 +11,11 @@ import yaml
 
 from pipeline import parts
 from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import KdpipeError
 from pipeline.cli.run import run_pipeline
 from pipeline.cli.status import collect, folder_status, format_table
 from pipeline.cli.submit import submit
+from pipeline.config import load_config
+from pipeline.errors import KdpipeError
 from tests.slurm_helpers import REPO
 
 FAKE = {"command": "slow", "entry": "tests.fake_stage", "args": {"parts": 5, "rows": 3, "fail_part": [3]}}

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import config_from_dict, load_config, stage_argv
-from pipeline.errors import InputError
 from pipeline.cli.run import run_pipeline
 from pipeline.cli.submit import load_submissions, submit
+from pipeline.config import config_from_dict, load_config, stage_argv
+from pipeline.errors import InputError
 from tests.slurm_helpers import REPO
 
 FAKE = {"command": "slow", "entry": "tests.fake_stage", "args": {"parts": 4, "rows": 3}}

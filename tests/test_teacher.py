@@ -11,10 +11,10 @@ from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
-from stages.imaging import Preprocess
-from stages.models import build_model
-from stages.teacher.stage import class_names_from, import_teacher
 from stages.artifacts.cards import load_teacher
+from stages.imaging import Preprocess
+from stages.models.classifiers import build_model
+from stages.teacher.stage import class_names_from, import_teacher
 from tests.test_train_data import digits
 
 PP = Preprocess(size=28, crop_fraction=1.0)

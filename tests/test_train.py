@@ -15,8 +15,8 @@ import pytest
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import FingerprintMismatch, InputError
-from stages.shardio import ShardStats, read_shard
 from stages.artifacts.cards import load_classifier
+from stages.shardio import ShardStats, read_shard
 from stages.train.config import TrainConfig
 from stages.train.loop import train
 from tests.factories import make_logits
@@ -99,7 +99,8 @@ def test_refused_inputs_name_what_to_change(data, tmp_path):
         train([other["labeled"]], tmp_path / "b", _config(epochs=1, lr=0.5), resume=True)
     assert first.name == "manifest.json"
     from safetensors.torch import save_file
-    from stages.models import build_model
+
+    from stages.models.classifiers import build_model
     save_file(build_model("smallcnn", 3).state_dict(), str(tmp_path / "three.safetensors"))
     with pytest.raises(InputError, match="do not fit this model .*fc.weight"):
         train([other["labeled"]], tmp_path / "c", _config(epochs=1), init=tmp_path / "three.safetensors")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import IntegrityError
-from stages.models import build_model
+from stages.models.classifiers import build_model
 from stages.train.checkpoint import POINTER, load_latest, save_checkpoint
 from stages.train.config import lr_factor
 from stages.train.distributed import discover

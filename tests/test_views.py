@@ -13,20 +13,28 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.cli import main
 from pipeline import manifest as mf
+from pipeline.cli import main
 from pipeline.errors import InputError, ManifestError
-from stages.imaging import Preprocess, centre_box, decode, find_image
-from stages.ingest.stage import ingest
+from stages.artifacts.cards import write_card
 from stages.artifacts.logits_format import arrow_schema
 from stages.artifacts.logits_reader import open_logits
-from stages.models import build_model
-from stages.shardio import ShardStats, read_shard
-from stages.artifacts.cards import write_card
-from stages.views.spec import AugSpec, AugSpecError, parse_aug
-from stages.views.render import View, epoch_view, mix_uint8, render_shard_views, render_view, sample_views
+from stages.artifacts.views import (
+    iter_key_groups,
+    key_probs,
+    multiview_schema,
+    spec_of,
+    view_arrays,
+    views_from_table,
+    with_views,
+)
+from stages.imaging import Preprocess, centre_box, decode, find_image
+from stages.ingest.stage import ingest
 from stages.logits.check_views import check_views
-from stages.artifacts.views import (iter_key_groups, key_probs, multiview_schema, spec_of, view_arrays, views_from_table, with_views)
+from stages.models.classifiers import build_model
+from stages.shardio import ShardStats, read_shard
+from stages.views.render import View, epoch_view, mix_uint8, render_shard_views, render_view, sample_views
+from stages.views.spec import AugSpec, AugSpecError, parse_aug
 from tests.factories import make_multiview_logits
 
 PP = Preprocess(size=28, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -138,6 +146,7 @@ def test_mixup_rounds_once_in_uint8_and_needs_the_partner_image():
 
 def _png_bytes() -> bytes:
     import io
+
     from PIL import Image
 
     buffer = io.BytesIO()

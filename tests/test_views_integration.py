@@ -12,22 +12,22 @@ import torch
 from pipeline import manifest as mf
 from pipeline.cli import main
 from pipeline.errors import FingerprintMismatch, InputError
+from stages.artifacts.cards import load_classifier, write_card
+from stages.artifacts.logits_format import fixed_list_to_numpy
+from stages.artifacts.logits_reader import open_logits
+from stages.artifacts.views import VIEW_COLUMNS, views_from_table
 from stages.imaging import Preprocess, decode, find_image, normalise
 from stages.ingest.stage import ingest
 from stages.logits.stage import compute_logits
-from stages.artifacts.logits_format import fixed_list_to_numpy
-from stages.artifacts.logits_reader import open_logits
-from stages.models import build_model
+from stages.models.classifiers import build_model
 from stages.reshard.stage import iter_training_samples, reshard
 from stages.select.stage import select
 from stages.shardio import ShardStats, read_shard
-from stages.artifacts.cards import load_classifier, write_card
 from stages.train.config import TrainConfig
 from stages.train.data import decode_sample
 from stages.train.inputs import load_inputs, make_plan
 from stages.views.render import View, epoch_view, render_view
 from stages.views.spec import parse_aug
-from stages.artifacts.views import VIEW_COLUMNS, views_from_table
 from tests.factories import make_multiview_logits
 
 PP = Preprocess(size=28, crop_fraction=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -17,7 +17,7 @@ from pipeline.atomic import publish, staged
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
-from stages.models import build_model
+from stages.models.classifiers import build_model
 
 WEIGHTS = "weights.safetensors"
 

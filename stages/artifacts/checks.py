@@ -18,10 +18,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
+from pipeline.errors import IntegrityError
 from pipeline.verify import count_check
 from stages.artifacts.exclusion import check_exclusion_part
 from stages.artifacts.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, index_type, read_metadata
 from stages.artifacts.logits_reader import AGREEING, row_faults
+from stages.artifacts.parquet import open_parquet
 from stages.artifacts.selection import check_selection_part
 from stages.shardio import count_samples
 
@@ -32,9 +34,9 @@ _MAX_PROBLEMS = 5
 def check_logits_part(manifest: mf.Manifest, entry: dict, where: Path) -> list[str]:
     """Every problem found inside one logits part (empty when it is sound)."""
     try:
-        handle = pq.ParquetFile(where)
-    except Exception as exc:  # a cut footer raises ArrowInvalid and friends
-        return [f"{where}: not a readable Parquet file ({type(exc).__name__}: {exc})"]
+        handle = open_parquet(where)
+    except IntegrityError as exc:
+        return [str(exc)]
     params = manifest.params
     problems = _schema_problems(where, handle, params) + _meta_problems(where, handle, params)
     if problems:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from pipeline.errors import InputError
+from pipeline.errors import InputError, IntegrityError
+from stages.artifacts.parquet import read_parquet
 
 REASONS = ("contaminated", "near_duplicate")
 
@@ -17,9 +17,9 @@ REASONS = ("contaminated", "near_duplicate")
 def check_exclusion_part(manifest, entry: dict, path: Path) -> list[str]:
     """``kdpipe verify`` content check of an exclusion part: columns, types, reasons, unique sorted keys."""
     try:
-        table = pq.read_table(path)
-    except Exception as exc:  # a damaged file may raise anything from its reader
-        return [f"{path}: unreadable exclusion part ({type(exc).__name__}: {exc})"]
+        table = read_parquet(path, what="exclusion part")
+    except IntegrityError as exc:
+        return [str(exc)]
     wanted = {"key": pa.string(), "reason": pa.string(), "matched_key": pa.string(), "similarity": pa.float32()}
     problems = [f"{path}: column {name} missing or not {kind}" for name, kind in wanted.items()
                 if name not in table.column_names or table.schema.field(name).type != kind]
@@ -50,6 +50,6 @@ def load_exclusion(path: str | Path) -> Exclusion:
         where = manifest.file_path(entry)
         if isinstance(where, str) or not where.is_file():
             raise InputError(f"{manifest.path}: exclusion file {entry['path']} is missing or remote")
-        chunks.append(pq.read_table(where, columns=["key"]).column("key"))
+        chunks.append(read_parquet(where, ["key"], "exclusion part", InputError).column("key"))
     keys = pa.chunked_array(chunks, pa.string()).combine_chunks() if chunks else pa.array([], pa.string())
     return Exclusion(manifest, keys.unique())

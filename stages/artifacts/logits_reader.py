@@ -26,6 +26,7 @@ from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
 from pipeline.hashing import sha256_file
 from stages.artifacts.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, read_metadata
+from stages.artifacts.parquet import open_parquet
 
 # Parquet metadata keys that must equal the manifest's params in every part (also ``kdpipe verify``'s check).
 AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
@@ -68,10 +69,7 @@ class LogitsSet:
             raise IntegrityError(f"{path}: listed in {self.manifest.path} but missing")
         if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
             raise IntegrityError(f"{path}: size or sha256 differs from {self.manifest.path}; refusing to read it")
-        try:
-            handle = pq.ParquetFile(path)
-        except Exception as exc:  # a cut footer raises ArrowInvalid and friends
-            raise IntegrityError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+        handle = open_parquet(path, hint="; recompute it (`kdpipe verify` lists every damaged part)")
         self._check_metadata(path, read_metadata(handle.schema_arrow), handle.metadata.num_rows, entry)
         return handle
 

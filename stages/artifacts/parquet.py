@@ -1,11 +1,15 @@
-"""Deterministic Parquet writing shared by the stages that write tables (selection, exclusion)."""
+"""Parquet helpers every stage shares: deterministic writing, and opening a file or raising a named error."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.errors import IntegrityError, KdpipeError
 
 ROW_GROUP = 1 << 20
 
@@ -15,3 +19,27 @@ def write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> Non
     others = [c for c in table.column_names if c not in ("key", "matched_key")]
     pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP, write_statistics=others,
                    use_dictionary=others)
+
+
+@contextlib.contextmanager
+def named_errors(path: Path | str, what: str = "Parquet file", error: type[KdpipeError] = IntegrityError,
+                 hint: str = "") -> Iterator[None]:
+    """Turn whatever pyarrow raises for a missing, cut or garbage file into ``error`` naming ``path``."""
+    try:
+        yield
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid for a cut footer, OSError for a missing file
+        raise error(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}){hint}") from None
+
+
+def open_parquet(path: Path | str, what: str = "Parquet file", error: type[KdpipeError] = IntegrityError,
+                 hint: str = "") -> pq.ParquetFile:
+    """``pq.ParquetFile(path)`` or ``error`` naming the file (the footer is read here)."""
+    with named_errors(path, what, error, hint):
+        return pq.ParquetFile(path)
+
+
+def read_parquet(path: Path | str, columns: list[str] | None = None, what: str = "Parquet file",
+                 error: type[KdpipeError] = IntegrityError, hint: str = "") -> pa.Table:
+    """``pq.read_table(path, columns)`` or ``error`` naming the file (damaged pages included)."""
+    with named_errors(path, what, error, hint):
+        return pq.read_table(path, columns=columns)

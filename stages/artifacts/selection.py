@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
 from pipeline.hashing import sha256_file
+from stages.artifacts.parquet import read_parquet
 
 SCHEMA_VERSION = 1
 
@@ -23,9 +24,9 @@ def check_selection_part(manifest, entry: dict, path: Path) -> list[str]:
     Reads the part in column chunks (the selection is O(classes x K) rows).
     """
     try:
-        table = pq.read_table(path, columns=list(ORDER))
-    except Exception as exc:  # a damaged file may raise anything from its reader
-        return [f"{path}: unreadable selection part ({type(exc).__name__}: {exc})"]
+        table = read_parquet(path, list(ORDER), "selection part")
+    except IntegrityError as exc:
+        return [str(exc)]
     problems = _type_problems(path, table.schema)
     if problems:
         return problems

@@ -36,13 +36,15 @@ from stages.artifacts.exclusion import REASONS
 from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 from stages.artifacts.parquet import write_parquet
+from stages.dedup.options import DedupOptions
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "dedup-1"
 
 
-def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = None, threshold: float = 0.95,
-          neighbors: int = 32, batch_rows: int = 16384) -> Path:
+def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = DedupOptions.reference,
+          threshold: float = DedupOptions.threshold, neighbors: int = DedupOptions.neighbors,
+          batch_rows: int = DedupOptions.batch_rows) -> Path:
     """Write the exclusion artifact of ``query`` (contaminated by ``reference``, near-duplicates inside).
 
     Args:

@@ -17,16 +17,17 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet, open_logits
+from stages.artifacts.parquet import open_parquet
 from stages.artifacts.reports import publish_report
 from stages.artifacts.selection import SelectionRows
 from stages.evaluate.metrics import Accumulator
+from stages.evaluate.options import EvaluateOptions
 from stages.evaluate.report import (
     confusion_csv,
     confusion_png,
@@ -88,10 +89,7 @@ class Labels:
 
 
 def _check_labels_file(path: Path) -> None:
-    try:
-        names = pq.ParquetFile(path).schema_arrow.names
-    except Exception as exc:  # missing file, not Parquet
-        raise InputError(f"{path}: not a readable Parquet labels file ({type(exc).__name__}: {exc})") from None
+    names = open_parquet(path, "Parquet labels file", InputError).schema_arrow.names
     if "key" not in names or "label" not in names:
         raise InputError(f"{path}: a labels file needs columns key and label (has {', '.join(names)})")
 
@@ -144,9 +142,10 @@ def _teacher_batch(acc: Accumulator, table: pa.Table, ranked: np.ndarray, t_tabl
                          teacher.temperature)
 
 
-def evaluate(model: str | Path, data: str | Path, out: str | Path, *, teacher_logits: str | Path | None = None,
-             labels: str | Path | None = None, batch_size: int = 32, device: str | None = None,
-             num_workers: int | None = None) -> Path:
+def evaluate(model: str | Path, data: str | Path, out: str | Path, *,
+             teacher_logits: str | Path | None = EvaluateOptions.teacher_logits,
+             labels: str | Path | None = EvaluateOptions.labels, batch_size: int = EvaluateOptions.batch_size,
+             device: str | None = EvaluateOptions.device, num_workers: int | None = EvaluateOptions.num_workers) -> Path:
     """Evaluate a model (or teacher) card on a dataset and write the report in ``out``; return its manifest.
 
     Args:

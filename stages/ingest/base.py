@@ -23,6 +23,7 @@ from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import failure_totals, file_entries, finalize, run_parts, task_info
+from stages.ingest.options import IngestOptions
 from stages.ingest.sources import Item, discover
 from stages.ingest.stage import CODE_VERSION, _write_part, plan_shards
 from stages.shardio import ShardStats, count_samples, read_shard
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 KEPT_BASE_PARAMS = ("preprocess",)  # dataset params that downstream stages check and a grown set must keep
 
 
-def ingest_grown(src: str, out: Path, base: str | Path, *, shard_size: int = 1000, shard_bytes: int = 1 << 30,
+def ingest_grown(src: str, out: Path, base: str | Path, *, shard_size: int = IngestOptions.shard_size,
+                 shard_bytes: int = IngestOptions.shard_bytes,
                  task_index: int = 0, num_tasks: int = 1, do_finalize: bool = True) -> Path | None:
     """Write ``out``: the shards of the ``base`` dataset manifest, then ``src``'s shards; return its manifest.
 

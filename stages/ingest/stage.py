@@ -23,6 +23,7 @@ from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.imaging import sniff_extension
+from stages.ingest.options import IngestOptions
 from stages.ingest.sources import Item, Source, discover
 from stages.shardio import count_samples, write_shard
 
@@ -128,8 +129,10 @@ def _write_part(items: list[Item]):
     return write
 
 
-def ingest(src: str, out: Path, *, shard_size: int = 1000, shard_bytes: int = 1 << 30, split: str | None = None,
-           seed: int = 0, task_index: int = 0, num_tasks: int = 1, do_finalize: bool = True) -> dict[str, Path | None]:
+def ingest(src: str, out: Path, *, shard_size: int = IngestOptions.shard_size,
+           shard_bytes: int = IngestOptions.shard_bytes, split: str | None = IngestOptions.split,
+           seed: int = IngestOptions.seed, task_index: int = 0, num_tasks: int = 1,
+           do_finalize: bool = True) -> dict[str, Path | None]:
     """Ingest ``src`` into ``out`` (or ``out/<split>/`` per split). Returns each dataset's manifest path.
 
     Args:

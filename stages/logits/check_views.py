@@ -1,6 +1,6 @@
 """Check stored views: rebuild the view of sampled logits rows, re-run the teacher, compare with the rows.
 
-For each sampled row the view is rebuilt from its stored parameters (``views_format.views_from_table``),
+For each sampled row the view is rebuilt from its stored parameters (``artifacts.views.views_from_table``),
 its pixels rendered from the dataset's original bytes (``views.render_view``), and the teacher run on
 them. A row agrees when the recomputed logits give the stored top-K (the same classes; no other class
 above the K-th stored logit) and the stored logits and lse to within ``ulps`` units of the stored
@@ -25,6 +25,7 @@ from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 from stages.artifacts.views import is_multiview, views_from_table
 from stages.imaging import Preprocess, decode, find_image, normalise
+from stages.logits.check_options import CheckViewsOptions
 from stages.shardio import ShardStats, read_shard
 from stages.views.render import PartnerPool, View, render_view, sample_views
 from stages.views.spec import AugSpec
@@ -47,9 +48,10 @@ class CheckReport:
         return self.agreed / self.checked if self.checked else 1.0
 
 
-def check_views(logits: str | Path, sample: int, *, data: str | Path | None = None,
-                teacher: str | Path | None = None, seed: int = 0, ulps: float = 4.0,
-                batch_size: int = 64, device: str = "cpu") -> CheckReport:
+def check_views(logits: str | Path, sample: int = CheckViewsOptions.sample, *,
+                data: str | Path | None = CheckViewsOptions.data, teacher: str | Path | None = CheckViewsOptions.teacher,
+                seed: int = CheckViewsOptions.seed, ulps: float = CheckViewsOptions.ulps,
+                batch_size: int = CheckViewsOptions.batch_size, device: str = CheckViewsOptions.device) -> CheckReport:
     """Re-run the teacher on the rebuilt views of ``sample`` random rows of a logits artifact.
 
     Args:

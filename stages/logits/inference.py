@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from stages import imaging
-from stages.models import features_and_logits
+from stages.models.classifiers import features_and_logits
 
 log = logging.getLogger(__name__)
 

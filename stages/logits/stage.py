@@ -12,7 +12,7 @@ and then raises ``PartFailed``). Parts are byte-identical across reruns, workers
 of tasks (see ``stages.inference`` for the fixed compute batch).
 
 With ``aug`` (``--views V --aug SPEC``) every image gives V rows, one per recorded view (``stages.views``,
-docs/views.md): rows in shard order, views 0..V-1 per key, with the view columns of ``stages.views_format``;
+docs/views.md): rows in shard order, views 0..V-1 per key, with the view columns of ``stages.artifacts.views``;
 an image has V rows or none, and rows / V + failures = the shard's sample count.
 """
 
@@ -37,14 +37,13 @@ from stages.artifacts.logits_format import SCHEMA_VERSION
 from stages.logits.assemble import assemble_part, recoverable_keys
 from stages.logits.data import PartFeed, ShardBlock, ShardRef, make_loader
 from stages.logits.inference import Engine, compute_mode, resolve_device
+from stages.logits.options import LogitsOptions
 from stages.logits.reuse import Base, load_base, reuse_parts
 from stages.logits.write import CODE_VERSION, LOGIT_TYPES, part_metadata
-from stages.models import build_model, classifier_head
+from stages.models.classifiers import build_model, classifier_head
 from stages.views.spec import AugSpec, manifest_views
 
 log = logging.getLogger(__name__)
-DEFAULT_COMPUTE_BATCH = 32
-DEFAULT_LOGIT_DTYPE = "float16"
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,13 @@ class Setup:
 
 def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int,
                    temperature: float, task_index: int = 0, num_tasks: int = 1,
-                   batch_size: int = DEFAULT_COMPUTE_BATCH, loader_batch: int = 32, num_workers: int | None = None,
-                   prefetch: int = 2, embeddings: bool = False, logit_dtype: str = DEFAULT_LOGIT_DTYPE,
-                   device: str | None = None, compile_model: bool = False, gpu_decode: bool = False,
-                   retry_failed: bool = False, max_attempts: int = 3, finalize: bool = True,
-                   aug: AugSpec | None = None, reuse: str | Path | None = None) -> Path | None:
+                   batch_size: int = LogitsOptions.batch_size, loader_batch: int = LogitsOptions.loader_batch,
+                   num_workers: int | None = LogitsOptions.num_workers, prefetch: int = LogitsOptions.prefetch,
+                   embeddings: bool = LogitsOptions.embeddings, logit_dtype: str = LogitsOptions.logit_dtype,
+                   device: str | None = LogitsOptions.device, compile_model: bool = LogitsOptions.compile,
+                   gpu_decode: bool = LogitsOptions.gpu_decode, retry_failed: bool = False, max_attempts: int = 3,
+                   finalize: bool = True, aug: AugSpec | None = None,
+                   reuse: str | Path | None = LogitsOptions.reuse) -> Path | None:
     """Compute the logits parts of one array task, then finalize the artifact when every part is committed.
 
     Args:
@@ -96,7 +97,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
         max_attempts: a part that failed this often is skipped until ``retry_failed``.
         finalize: write the manifest when every part of the dataset is committed.
         aug: multi-view logits (``stages.views.parse_aug``): V recorded views per image, one row per
-            (key, view) with the view columns of ``stages.views_format``; None = the centre view only.
+            (key, view) with the view columns of ``stages.artifacts.views``; None = the centre view only.
         reuse: old logits of a base of this (grown) dataset: unchanged shards get their old parts rewritten,
             byte-identical to computing them, without running the teacher (``stages.logits_reuse``).
 
@@ -132,9 +133,10 @@ def _store(setup: Setup) -> PartStore:
 
 
 def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int, temperature: float,
-            batch_size: int = DEFAULT_COMPUTE_BATCH, embeddings: bool = False,
-            logit_dtype: str = DEFAULT_LOGIT_DTYPE, device: str | None = None, compile_model: bool = False,
-            gpu_decode: bool = False, aug: AugSpec | None = None) -> Setup:
+            batch_size: int = LogitsOptions.batch_size, embeddings: bool = LogitsOptions.embeddings,
+            logit_dtype: str = LogitsOptions.logit_dtype, device: str | None = LogitsOptions.device,
+            compile_model: bool = LogitsOptions.compile, gpu_decode: bool = LogitsOptions.gpu_decode,
+            aug: AugSpec | None = None) -> Setup:
     """Load and cross-check the inputs and options; return the task's ``Setup`` (no model loaded yet)."""
     data = mf.load(data_manifest, kind="dataset")
     teacher = mf.load(card)

@@ -74,7 +74,7 @@ def shuffle_order(n: int, seed: int, part: int) -> np.ndarray:
 def targets_json(row: dict, temperature: float, views: list[dict] | None = None) -> bytes:
     """The ``json`` member of a training sample: score, provenance and the soft targets (compact, sorted).
 
-    ``views`` (multi-view logits): every stored view's parameters and targets (``views_format.view_record``),
+    ``views`` (multi-view logits): every stored view's parameters and targets (``artifacts.views.view_record``),
     under ``"views"``; the top-level targets stay view 0's.
     """
     body = {"score": row["score"], "source_key": row["key"], "source_shard": row["shard"], "dup": row["dup"],

@@ -33,6 +33,7 @@ from stages.artifacts.lineage import Lineage, resolve_lineage
 from stages.artifacts.selection import TARGET_COLUMNS, SelectionRows
 from stages.artifacts.views import view_record, views_from_table
 from stages.imaging import IMAGE_EXTENSIONS, SampleError, decode, sniff_extension
+from stages.reshard.options import ReshardOptions
 from stages.reshard.plan import plan_output_shards, plan_waves, sample_key, shuffle_order, targets_json
 from stages.shardio import ShardStats, count_samples, read_shard, write_shard
 
@@ -227,9 +228,10 @@ def multiview_of(lineage: Lineage) -> int:
     return 1 if lineage.logits is None else int(lineage.logits.views.get("count", 1))
 
 
-def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None = None, shard_size: int = 1000,
-            shard_bytes: int = 256 << 20, seed: int = 0, decode_check: bool = False, max_rows: int = 1_000_000,
-            task_index: int = 0, num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
+def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None = ReshardOptions.data,
+            shard_size: int = ReshardOptions.shard_size, shard_bytes: int = ReshardOptions.shard_bytes,
+            seed: int = ReshardOptions.seed, decode_check: bool = ReshardOptions.decode_check,
+            max_rows: int = ReshardOptions.max_rows, task_index: int = 0, num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
             do_finalize: bool = True, finalize_only: bool = False) -> ReshardResult:
     """Write the selection's samples as training shards in ``out``; finalize when every part is committed.
 

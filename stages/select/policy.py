@@ -23,8 +23,9 @@ import pyarrow.compute as pc
 
 from pipeline.errors import InputError
 from stages.artifacts.logits_format import fixed_list_to_numpy
+from stages.select.options import POLICIES
 
-POLICIES = ("topk", "threshold")
+DEFAULT_TOP_P = 10  # Yalniz et al.: P = 10 at 1B images
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,13 @@ class SelectSpec:
                 "min_score": self.min_score, "balance": self.balance, "soft_targets": self.soft_targets}
 
 
-def make_spec(policy: str, per_class: str | int, top_p: int, class_names: list[str], topk: int,
+def make_spec(policy: str, per_class: str | int, top_p: int | None, class_names: list[str], topk: int,
               min_score: float = 0.0, balance: bool = False, soft_targets: bool = False) -> SelectSpec:
-    """Check the options against the logits (top-K stored, classes) and build a ``SelectSpec``."""
+    """Check the options against the logits (top-K stored, classes) and build a ``SelectSpec``.
+
+    ``top_p`` None means min(``DEFAULT_TOP_P``, the stored top-K).
+    """
+    top_p = min(DEFAULT_TOP_P, topk) if top_p is None else int(top_p)
     if policy not in POLICIES:
         raise InputError(f"--policy {policy!r}: expected one of {', '.join(POLICIES)}")
     if policy == "topk" and not 1 <= top_p <= topk:

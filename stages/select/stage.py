@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from pipeline.errors import ManifestError, PartFailed
+from pipeline.errors import IntegrityError, ManifestError, PartFailed
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
@@ -27,8 +27,9 @@ from stages.artifacts.exclusion import Exclusion, load_exclusion
 from stages.artifacts.logits_format import SCHEMA_VERSION as LOGITS_SCHEMA_VERSION
 from stages.artifacts.logits_format import read_metadata
 from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
-from stages.artifacts.parquet import write_parquet
+from stages.artifacts.parquet import open_parquet, write_parquet
 from stages.artifacts.selection import SCHEMA_VERSION
+from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
 from stages.select.report import write_report
@@ -41,12 +42,13 @@ ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse")
 
 
-def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy: str = "topk", top_p: int = 10,
-           min_score: float = 0.0, balance: bool = False, soft_targets: bool = False,
-           exclude: str | Path | None = None, task_index: int = 0, num_tasks: int = 1,
-           finalize_only: bool = False, do_finalize: bool = True, batch_rows: int = 65536,
-           gallery: int = 0, dataset: str | Path | None = None, retry_failed: bool = False,
-           max_attempts: int = 3) -> Path | None:
+def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy: str = SelectOptions.policy,
+           top_p: int | None = SelectOptions.top_p, min_score: float = SelectOptions.min_score,
+           balance: bool = SelectOptions.balance, soft_targets: bool = SelectOptions.soft_targets,
+           exclude: str | Path | None = SelectOptions.exclude, task_index: int = 0, num_tasks: int = 1,
+           finalize_only: bool = False, do_finalize: bool = True, batch_rows: int = SelectOptions.batch_rows,
+           gallery: int = SelectOptions.gallery, dataset: str | Path | None = SelectOptions.dataset,
+           retry_failed: bool = False, max_attempts: int = 3) -> Path | None:
     """Run one array task of ``kdpipe select``; reduce and finalize when all map parts exist.
 
     Args:
@@ -115,9 +117,9 @@ def preflight(logits_set: LogitsSet) -> None:
     for index in range(logits_set.num_parts):
         path = logits_set.part_path(index)
         try:
-            schema = pq.read_schema(path)
-        except Exception as exc:  # a cut footer raises ArrowInvalid and friends
-            bad.append(f"{path.name} (unreadable: {type(exc).__name__})")
+            schema = open_parquet(path).schema_arrow
+        except IntegrityError:
+            bad.append(f"{path.name} (unreadable)")
             continue
         meta = read_metadata(schema)
         diffs = [f"{k}={meta.get(k)!r} not {v!r}" for k, v in expected.items() if meta.get(k) != v]

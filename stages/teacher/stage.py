@@ -1,5 +1,5 @@
-"""The teacher: train one on a labeled dataset (hard labels, through the student trainer), or import
-existing weights; either way the result is a teacher card (``stages.teacher_card.write_card``).
+"""Teacher import: existing weights -> a teacher card (``stages.artifacts.cards.write_card``); training a teacher
+on labels is ``stages.train.teacher.train_teacher``.
 
 Imported weights load only from safetensors or through ``torch.load(weights_only=True)``: a pickle that
 carries code is refused before anything in it runs.
@@ -15,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from stages.artifacts.cards import load_state_dict, write_card
 from stages.imaging import Preprocess
-from stages.models import build_model
+from stages.models.classifiers import build_model
 from stages.models.evaluation import accuracy
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from pipeline.options import option
+from stages.artifacts.logits_format import RESIDUAL_POLICIES
 from stages.imaging import Preprocess
 from stages.train.augment import AugmentSpec
-from stages.train.losses import LOSSES, RESIDUAL_POLICIES
 
 CODE_VERSION = "train-1"
+LOSSES = ("hard", "soft", "mix")
 DIGITS_PREPROCESS = Preprocess(size=28, crop_fraction=1.0)
 
 
@@ -21,26 +23,28 @@ class TrainConfig:
     Defaults suit the bundled digits (8x8 scans rendered at 28 px, ``smallcnn``).
     """
 
-    arch: str = "smallcnn"
-    loss: str = "hard"
-    alpha: float = 0.5
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    residual: str = "exact"
-    seed: int = 0
-    num_workers: int = 0
-    shuffle_buffer: int = 1000
-    checkpoint_every: int = 0
+    arch: str = option("smallcnn", "smallcnn or a torchvision model name; with --init CARD and no --arch, the card's")
+    loss: str = option("hard", "hard pseudo-labels (cross-entropy), soft teacher targets (KL at T, times T^2), "
+                               "or a mix", choices=LOSSES)
+    alpha: float = option(0.5, "mix: alpha * soft + (1 - alpha) * hard")
+    epochs: int = option(30, "passes over the training shards")
+    batch_size: int = option(32, "samples per step, per rank")
+    lr: float = option(0.05, "peak learning rate (SGD, Nesterov momentum)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay")
+    warmup_epochs: float = option(1.0, "linear warm-up, then cosine to 0")
+    label_smoothing: float = option(0.0, "label smoothing of the hard loss")
+    residual: str = option("exact", "mass outside the stored top-K: spread evenly (exact) or dropped (renorm)",
+                           choices=RESIDUAL_POLICIES)
+    seed: int = option(0, "seed of initialisation, shuffling and views")
+    num_workers: int = option(0, "DataLoader workers per rank (0: in-process)")
+    shuffle_buffer: int = option(1000, "samples in the shuffle buffer")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: at epoch ends)")
     preprocess: Preprocess = field(default_factory=lambda: DIGITS_PREPROCESS)
     augment: AugmentSpec | None = field(default_factory=AugmentSpec)
-    device: str = "auto"
-    log_every: int = 10
-    threads: int = 0
+    device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    log_every: int = option(10, "steps between logged losses (loss curve)")
+    threads: int = option(0, "CPU threads per process (0: torch's default; 1 on a shared, busy CPU)")
 
     def __post_init__(self):
         if self.loss not in LOSSES:

@@ -23,7 +23,7 @@ from pipeline.errors import FingerprintMismatch, InputError, IntegrityError
 from pipeline.hashing import sha256_json
 from stages import imaging
 from stages.artifacts.cards import write_card
-from stages.models import build_model
+from stages.models.classifiers import build_model
 from stages.models.evaluation import accuracy
 from stages.train import checkpoint as ckpt
 from stages.train import distributed as dd

@@ -1,7 +1,7 @@
 """Training losses: hard pseudo-label cross-entropy, Hinton's soft KD from stored top-K, and their mix.
 
 The teacher's softened distribution at temperature T is rebuilt from top-K storage exactly like
-``stages.logits_format.dense_targets`` (the numpy reference), here in torch so it runs on the device:
+``stages.artifacts.logits_format.dense_targets`` (the numpy reference), here in torch so it runs on the device:
 p_k = exp(z_k / T - lse) for the stored classes; the residual mass 1 - sum p_k is spread evenly over the
 C - K other classes (``exact``) or dropped and the top-K renormalised (``renorm``).
 
@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.artifacts.logits_format import RESIDUAL_POLICIES
-
-LOSSES = ("hard", "soft", "mix")
+from stages.train.config import LOSSES
 
 
 def teacher_distribution(topk_index: torch.Tensor, topk_logit: torch.Tensor, lse: torch.Tensor,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.options import add_options, as_kwargs, from_args
+from stages.logits.check_options import CheckViewsOptions
+
 _SHOWN = 20
 
 
@@ -15,22 +18,14 @@ def register(sub) -> None:
     p = sub.add_parser("check_views", help="re-run the teacher on rebuilt views of sampled logits rows and "
                                            "compare with the stored top-K")
     p.add_argument("--logits", required=True, type=Path, help="logits manifest (file or folder)")
-    p.add_argument("--sample", type=int, default=256, help="rows to check, drawn uniformly (default 256)")
-    p.add_argument("--data", type=Path, default=None, help="dataset manifest (default: the logits' input)")
-    p.add_argument("--teacher", type=Path, default=None, help="teacher card (default: the logits' input)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the row sample")
-    p.add_argument("--ulps", type=float, default=4.0,
-                   help="tolerance in units of the stored logit dtype at the row's largest |logit| (>= 1)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    add_options(p, CheckViewsOptions)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from stages.logits.check_views import check_views
 
-    report = check_views(args.logits, args.sample, data=args.data, teacher=args.teacher, seed=args.seed,
-                         ulps=args.ulps, batch_size=args.batch_size, device=args.device)
+    report = check_views(args.logits, **as_kwargs(from_args(CheckViewsOptions, args)))
     print(f"checked {report.checked} rows: {report.agreed} agree ({100.0 * report.agreement:.2f}%)")
     for m in report.mismatches[:_SHOWN]:
         diff = "-" if m["max_abs_diff"] is None else f"{m['max_abs_diff']:.3g}"

@@ -10,6 +10,9 @@ import json
 import logging
 from pathlib import Path
 
+from pipeline.options import add_options, as_kwargs, from_args
+from stages.evaluate.options import EvaluateOptions
+
 log = logging.getLogger("kdpipe")
 
 
@@ -19,13 +22,9 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model (or teacher) card folder or manifest")
     p.add_argument("--data", default=None, help="dataset manifest to evaluate on")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--teacher-logits", default=None, help="teacher logits manifest of the same dataset")
-    p.add_argument("--labels", default=None, help="Parquet of key,label (e.g. _hidden/unlabeled-labels.parquet)")
     p.add_argument("--selection", default=None,
                    help="selection manifest: report its pseudo-label precision against --labels instead")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    p.add_argument("--num-workers", type=int, default=None, help="decode workers of the logits stage")
+    add_options(p, EvaluateOptions)
     p.set_defaults(func=run)
 
 
@@ -33,18 +32,18 @@ def run(args) -> int:
     from pipeline.errors import InputError
     from stages.evaluate.stage import evaluate, precision_report
 
+    opts = from_args(EvaluateOptions, args)
     if args.selection is not None:
-        if args.labels is None or args.model or args.data:
+        if opts.labels is None or args.model or args.data:
             raise InputError("--selection needs --labels, and takes no --model/--data")
-        path = precision_report(args.selection, args.labels, args.out)
+        path = precision_report(args.selection, opts.labels, args.out)
         report = json.loads((path.parent / "report.json").read_text())
         print(f"pseudo-label precision: {_pct(report['precision'])} "
               f"({report['correct']}/{report['known']} rows with a known label)")
         return 0
     if args.model is None or args.data is None:
         raise InputError("evaluate needs --model and --data (or --selection with --labels)")
-    path = evaluate(args.model, args.data, args.out, teacher_logits=args.teacher_logits, labels=args.labels,
-                    batch_size=args.batch_size, device=args.device, num_workers=args.num_workers)
+    path = evaluate(args.model, args.data, args.out, **as_kwargs(opts))
     metrics = json.loads((path.parent / "report.json").read_text())["metrics"]
     print(f"top-1 {_pct(metrics['top1'])}  top-{metrics['k']} {_pct(metrics['topk'])}  "
           f"({metrics['labeled']} labeled samples); report: {path.parent / 'report.md'}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.cli.commands.common import add_task_args, resolve_task
+from pipeline.cli.commands.common import add_task_args, task_options
+from pipeline.options import add_options, as_kwargs, from_args
+from stages.reshard.options import ReshardOptions
 
 log = logging.getLogger("kdpipe")
 
@@ -14,15 +16,7 @@ def register(sub) -> None:
     p = sub.add_parser("reshard", help="write the selected samples as training shards (image, cls, soft targets)")
     p.add_argument("--selection", required=True, help="selection manifest")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--data", default=None,
-                   help="source dataset manifest (default: the one the selection's logits were made from)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard, about")
-    p.add_argument("--shard-bytes", type=int, default=256 << 20, help="bytes per output shard, about")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle within each output shard")
-    p.add_argument("--decode-check", action="store_true",
-                   help="fully decode every selected image (default: check its signature only)")
-    p.add_argument("--max-rows", type=int, default=1_000_000,
-                   help="selection rows held in memory at once (memory bound)")
+    add_options(p, ReshardOptions)
     add_task_args(p)
     p.set_defaults(func=run)
 
@@ -30,11 +24,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from stages.reshard.stage import reshard
 
-    index, count = resolve_task(args)
-    result = reshard(args.selection, args.out, data=args.data, shard_size=args.shard_size,
-                     shard_bytes=args.shard_bytes, seed=args.seed, decode_check=args.decode_check,
-                     max_rows=args.max_rows, task_index=index, num_tasks=count, retry_failed=args.retry_failed,
-                     max_attempts=args.max_attempts, do_finalize=not args.no_finalize,
-                     finalize_only=args.finalize)
+    task = task_options(args)
+    index, count = task.resolved()
+    result = reshard(args.selection, args.out, **as_kwargs(from_args(ReshardOptions, args)), task_index=index,
+                     num_tasks=count, retry_failed=task.retry_failed, max_attempts=task.max_attempts,
+                     do_finalize=not task.no_finalize, finalize_only=task.finalize)
     log.info("reshard: %s", result.manifest or "parts committed; manifest pending other tasks")
     return result.report.exit_code
