@@ -4,8 +4,8 @@
 its manifest, so they catch a part that was *written* wrong (a buggy or foreign producer), not only one
 damaged later. Logits parts: readable footer, columns and types of the contract, metadata agreeing with the
 manifest, the part's shard index, unique keys (unique (key, view) pairs in a multi-view part), class ids in
-[0, C) and distinct per row, top-K logits sorted descending, finite lse with lse >= max(z)/T, and softened
-probabilities summing to at most 1. Reading streams record batches (memory bounded by the batch, plus the
+[0, C) and distinct per row, top-K logits sorted descending, finite lse with lse >= max(z)/T (and, when the
+part stores it, finite lse1 >= max(z)), and softened probabilities summing to at most 1. Reading streams record batches (memory bounded by the batch, plus the
 part's keys for the duplicate check).
 """
 
@@ -21,7 +21,7 @@ from pipeline import manifest as mf
 from pipeline.errors import IntegrityError
 from pipeline.verify import count_check
 from stages.artifacts.exclusion import check_exclusion_part
-from stages.artifacts.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, index_type, read_metadata
+from stages.artifacts.logits_format import LSE1, READ_VERSIONS, fixed_list_to_numpy, index_type, read_metadata
 from stages.artifacts.logits_reader import AGREEING, row_faults
 from stages.artifacts.parquet import open_parquet
 from stages.artifacts.selection import check_selection_part
@@ -70,8 +70,8 @@ def _schema_problems(where: Path, handle: pq.ParquetFile, params: dict) -> list[
 
 def _meta_problems(where: Path, handle: pq.ParquetFile, params: dict) -> list[str]:
     meta = read_metadata(handle.schema_arrow)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        return [f"{where}: metadata schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"]
+    if meta.get("schema_version") not in READ_VERSIONS:
+        return [f"{where}: metadata schema_version {meta.get('schema_version')!r}, expected one of {READ_VERSIONS}"]
     return [f"{where}: metadata {k}={meta.get(k)!r}, the manifest says {params.get(k)!r}"
             for k in AGREEING if meta.get(k) != params.get(k)]
 
@@ -109,6 +109,10 @@ def _batch_problems(batch, params: dict, shard: int, seen: set[str], offset: int
         (np.exp(logit / temperature - lse[:, None]).sum(axis=1) > np.exp(slack) * (1.0 + 1e-3),
          "softened top-K sums above 1"),
     ]
+    if LSE1 in batch.schema.names:  # schema version 2: the T = 1 normaliser is at least max(z)
+        lse1 = batch.column(LSE1).to_numpy(zero_copy_only=False).astype(np.float64)
+        slack1 = 1e-3 * (1.0 + np.abs(logit[:, 0]))
+        checks.append((~np.isfinite(lse1) | (lse1 < logit[:, 0] - slack1), "lse1 not finite or below max(z)"))
     problems += [f"rows {rows(mask)}: {what}" for mask, what in checks if mask.any()]
     return problems
 

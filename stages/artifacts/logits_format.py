@@ -5,6 +5,15 @@ logit descending), ``topk_logit`` (raw logits z), ``lse`` = logsumexp(z / T) ove
 ``embedding`` (L2-normalised float16). The softened probability of a stored class is exp(z/T - lse); the
 mass of the other classes is 1 - sum of those. Every reader of logits goes through this module.
 
+Schema versions (file metadata ``schema_version``; the manifest's ``params.parquet_schema_version``):
+
+- 1: the columns above.
+- 2: adds ``lse1`` (float32, after ``lse``) = logsumexp(z) over all classes, the normaliser at T = 1, so that
+  p_1(l|x) = exp(z_l - lse1) ranks or scores at T = 1 what was stored for distillation at T (``kdpipe select
+  --rank-temperature 1``). kdpipe's logits stage writes it in every part; it is optional for other producers
+  (``has_lse1``). Nothing else changed: version 1 files stay readable (``READ_VERSIONS``), and readers that
+  select columns by name read version 2 files unchanged.
+
 Multi-view logits (``--views V``, reserved) will add an int16 ``view`` column after ``shard`` (rows of one
 sample adjacent, views ascending) and bump ``SCHEMA_VERSION``; readers select columns by name, never by
 position, and today's files (one centre view, no ``view`` column) stay readable as view 0.
@@ -17,7 +26,9 @@ import json
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_VERSIONS = (1, 2)  # versions this kdpipe reads (1: no lse1 column)
+LSE1 = "lse1"
 META_KEY = b"kdpipe"
 RESIDUAL_POLICIES = ("exact", "renorm")
 
@@ -28,8 +39,10 @@ def index_type(num_classes: int) -> pa.DataType:
 
 
 def arrow_schema(num_classes: int, topk: int, embedding_dim: int | None = None,
-                 logit_type: pa.DataType = pa.float32(), metadata: dict | None = None) -> pa.Schema:
-    """The Arrow schema of a logits part, with kdpipe's metadata (JSON under the ``kdpipe`` key)."""
+                 logit_type: pa.DataType = pa.float32(), metadata: dict | None = None,
+                 lse1: bool = False) -> pa.Schema:
+    """The Arrow schema of a logits part, with kdpipe's metadata (JSON under the ``kdpipe`` key);
+    ``lse1`` adds the T = 1 normaliser column (schema version 2)."""
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("shard", pa.int32(), nullable=False),
@@ -37,10 +50,17 @@ def arrow_schema(num_classes: int, topk: int, embedding_dim: int | None = None,
         pa.field("topk_logit", pa.list_(logit_type, topk), nullable=False),
         pa.field("lse", pa.float32(), nullable=False),
     ]
+    if lse1:
+        fields.append(pa.field(LSE1, pa.float32(), nullable=False))
     if embedding_dim:
         fields.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
     meta = {META_KEY: json.dumps(metadata or {}, sort_keys=True).encode()}
     return pa.schema(fields, metadata=meta)
+
+
+def has_lse1(schema: pa.Schema) -> bool:
+    """True when a logits part stores the T = 1 normaliser ``lse1``."""
+    return LSE1 in schema.names
 
 
 def read_metadata(schema: pa.Schema) -> dict:

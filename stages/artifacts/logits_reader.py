@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
 from pipeline.hashing import sha256_file
-from stages.artifacts.logits_format import SCHEMA_VERSION, fixed_list_to_numpy, read_metadata
+from stages.artifacts.logits_format import READ_VERSIONS, fixed_list_to_numpy, read_metadata
 from stages.artifacts.parquet import open_parquet
 
 # Parquet metadata keys that must equal the manifest's params in every part (also ``kdpipe verify``'s check).
@@ -74,9 +74,9 @@ class LogitsSet:
         return handle
 
     def _check_metadata(self, path: Path, meta: dict, rows: int, entry: dict) -> None:
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in READ_VERSIONS:
             raise ManifestError(f"{path}: logits schema_version {meta.get('schema_version')!r}, "
-                                f"this kdpipe reads {SCHEMA_VERSION}")
+                                f"this kdpipe reads {', '.join(map(str, READ_VERSIONS))}")
         for key in AGREEING:
             if key in meta and meta[key] != self.params[key]:
                 raise ManifestError(f"{path}: metadata {key}={meta[key]!r} but {self.manifest.path} says "

@@ -93,7 +93,8 @@ def assemble_part(records: Iterable[dict], engine: Engine, params: dict, meta: d
         for reason, keys in end["shard_failures"].items():
             failures.setdefault(reason, []).extend(keys)
     table = part_table(rows, index, num_classes=params["num_classes"], topk=params["topk"],
-                       logit_dtype=params["logit_dtype"], embedding_dim=params["embedding_dim"], metadata=meta)
+                       logit_dtype=params["logit_dtype"], embedding_dim=params["embedding_dim"], metadata=meta,
+                       lse1=True)
     aug = params["views"]["aug"]
     if aug is not None:
         table = _drop_nonfinite_images(with_views(table, rows.views, AugSpec.from_dict(aug)), failures)
@@ -146,7 +147,7 @@ def _run_batch(batch: list[tuple], engine: Engine, rows: PartRows, failures: dic
         keep = np.ones_like(keep)
     rows.append([k for k, ok in zip(keys, keep) if ok], out.index[keep], out.logit[keep], out.lse[keep],
                 None if out.embedding is None else out.embedding[keep],
-                views=[g[2] for g, ok in zip(good, keep) if ok])
+                views=[g[2] for g, ok in zip(good, keep) if ok], lse1=out.lse1[keep])
 
 
 def _decode_raw(batch: list[tuple], engine: Engine) -> list[tuple]:

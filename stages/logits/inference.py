@@ -6,7 +6,7 @@ size), so a sample's logits depend on the shard's content and the fingerprinted 
 DataLoader workers, loader batches, prefetch or the number of array tasks (CPU convolutions may pick
 algorithms by batch shape). The full logits vector never leaves the device: only top-K (stable descending
 sort, ties by class id), logsumexp(z/T), a finiteness flag and optionally the L2-normalised penultimate
-features are copied back.
+features are copied back (plus logsumexp(z), the T = 1 normaliser).
 
 On CUDA: bf16 autocast, channels_last, non_blocking copies from pinned memory, optional ``torch.compile``,
 optional batched JPEG decode on the GPU (``torchvision.io.decode_jpeg``).
@@ -62,6 +62,7 @@ class Outputs:
     index: np.ndarray        # (n, K) int64, class ids by logit descending
     logit: np.ndarray        # (n, K) float32, raw logits of those classes
     lse: np.ndarray          # (n,) float32, logsumexp(z / T)
+    lse1: np.ndarray         # (n,) float32, logsumexp(z), the normaliser at T = 1
     finite: np.ndarray       # (n,) bool, every logit finite
     embedding: np.ndarray | None  # (n, D) float32, L2-normalised, or None
 
@@ -120,10 +121,11 @@ class Engine:
         with torch.inference_mode():
             finite = torch.isfinite(logits).all(dim=1)
             lse = torch.logsumexp(logits / self.temperature, dim=1)
+            lse1 = torch.logsumexp(logits, dim=1)
             values, order = torch.sort(logits, dim=1, descending=True, stable=True)
             emb = None if feats is None else nn.functional.normalize(feats, dim=1)
         return Outputs(index=order[:, : self.topk].cpu().numpy(), logit=values[:, : self.topk].cpu().numpy(),
-                       lse=lse.cpu().numpy(), finite=finite.cpu().numpy(),
+                       lse=lse.cpu().numpy(), lse1=lse1.cpu().numpy(), finite=finite.cpu().numpy(),
                        embedding=None if emb is None else emb.cpu().numpy())
 
 
