@@ -20,6 +20,9 @@ class SelectOptions:
     top_p: int | None = option(None, "topk policy: a class is a candidate of images whose top-P holds it "
                                      "(default: min(10, the stored top-K))", type=int)
     min_score: float = option(0.0, "smallest p(label|x) admitted")
+    rank_temperature: float | None = option(None, "score and rank at this T instead of the logits' stored T: "
+                                                  "the stored T, or 1 (needs the lse1 column, logits schema 2)",
+                                            type=float)
     balance: bool = option(False, "threshold policy: duplicate rows of classes under the cap to reach it")
     soft_targets: bool = option(False, "carry topk_index, topk_logit, lse into the selection")
     exclude: Path | None = option(None, "exclusion manifest from `kdpipe dedup` (its keys are never selected)",

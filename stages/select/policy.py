@@ -5,7 +5,9 @@
 - ``threshold`` (Noisy Student): an image is a candidate of its argmax class only, kept when p >= min_score;
   a per-class cap bounds each class and ``balance`` duplicates rows of classes below the cap.
 
-The score is defined once, here: float32(exp(float64(z) / T - float64(lse))). Scoring streams: a float32
+The score is defined once, here: float32(exp(float64(z) / T - float64(lse))). ``--rank-temperature 1`` scores
+at T = 1 with the stored ``lse1`` (logits schema 2) instead: p_1(l|x) = exp(z_l - lse1), e.g. to rank at
+T = 1 logits stored at T = 4 for distillation; other temperatures cannot be rebuilt from top-K storage. Scoring streams: a float32
 log-space prefilter against the per-class admission thresholds (with a safety margin) discards most
 candidates, and only its survivors get the exact score, so the result equals scoring every candidate.
 """
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
-from stages.artifacts.logits_format import fixed_list_to_numpy
+from stages.artifacts.logits_format import LSE1, fixed_list_to_numpy
 from stages.select.options import POLICIES
 
 DEFAULT_TOP_P = 10  # Yalniz et al.: P = 10 at 1B images
@@ -38,6 +40,7 @@ class SelectSpec:
     min_score: float = 0.0
     balance: bool = False
     soft_targets: bool = False
+    rank_temperature: float | None = None  # None: the stored T (and its lse); 1.0: lse1
 
     @property
     def depth(self) -> int:
@@ -45,15 +48,31 @@ class SelectSpec:
         return 1 if self.policy == "threshold" else self.top_p
 
     def to_params(self) -> dict:
-        return {"policy": self.policy, "per_class": list(self.quotas), "top_p": self.depth,
-                "min_score": self.min_score, "balance": self.balance, "soft_targets": self.soft_targets}
+        params = {"policy": self.policy, "per_class": list(self.quotas), "top_p": self.depth,
+                  "min_score": self.min_score, "balance": self.balance, "soft_targets": self.soft_targets}
+        return params if self.rank_temperature is None else {**params, "rank_temperature": self.rank_temperature}
+
+    def ranking(self, stored_temperature: float) -> tuple[float, str]:
+        """(T, normaliser column) that scores are computed with."""
+        return (float(stored_temperature), "lse") if self.rank_temperature is None else (1.0, LSE1)
+
+
+def rank_temperature(value: float | None, stored: float) -> float | None:
+    """``--rank-temperature``: None (rank at the stored T) when absent or equal to it; 1.0; else refused."""
+    if value is None or float(value) == float(stored):
+        return None
+    if float(value) != 1.0:
+        raise InputError(f"--rank-temperature {value}: top-K storage rebuilds p at the stored T ({stored}) or, "
+                         "with the lse1 column, at T = 1 only; use one of those")
+    return 1.0
 
 
 def make_spec(policy: str, per_class: str | int, top_p: int | None, class_names: list[str], topk: int,
-              min_score: float = 0.0, balance: bool = False, soft_targets: bool = False) -> SelectSpec:
+              min_score: float = 0.0, balance: bool = False, soft_targets: bool = False,
+              rank_at: float | None = None) -> SelectSpec:
     """Check the options against the logits (top-K stored, classes) and build a ``SelectSpec``.
 
-    ``top_p`` None means min(``DEFAULT_TOP_P``, the stored top-K).
+    ``top_p`` None means min(``DEFAULT_TOP_P``, the stored top-K); ``rank_at`` from ``rank_temperature``.
     """
     top_p = min(DEFAULT_TOP_P, topk) if top_p is None else int(top_p)
     if policy not in POLICIES:
@@ -65,7 +84,7 @@ def make_spec(policy: str, per_class: str | int, top_p: int | None, class_names:
     if balance and policy != "threshold":
         raise InputError("--balance applies to --policy threshold (duplicates to reach the per-class cap)")
     quotas = parse_per_class(per_class, class_names)
-    return SelectSpec(policy, quotas, top_p, float(min_score), balance, soft_targets)
+    return SelectSpec(policy, quotas, top_p, float(min_score), balance, soft_targets, rank_at)
 
 
 def parse_per_class(value: str | int, class_names: list[str]) -> tuple[int, ...]:
@@ -119,7 +138,8 @@ class Scorer:
     """Turns logits record batches into admitted candidates (labels, scores, source rows)."""
 
     def __init__(self, spec: SelectSpec, topk: int, temperature: float, num_classes: int):
-        self.spec, self.topk, self.temperature = spec, topk, float(temperature)
+        self.spec, self.topk = spec, topk
+        self.temperature, self.lse_column = spec.ranking(temperature)
         self.candidates = np.zeros(num_classes, np.int64)
 
     def __call__(self, batch: pa.RecordBatch, thr: np.ndarray,
@@ -131,7 +151,7 @@ class Scorer:
         depth = self.spec.depth
         labels = fixed_list_to_numpy(batch.column("topk_index"), self.topk)[:, :depth].astype(np.intp)
         logits = fixed_list_to_numpy(batch.column("topk_logit"), self.topk)[:, :depth]
-        lse = batch.column("lse").to_numpy(zero_copy_only=False)
+        lse = batch.column(self.lse_column).to_numpy(zero_copy_only=False)
         if self.spec.min_score > 0:
             return self._with_floor(labels, logits, lse, thr, excluded)
         self._count(labels, excluded)

@@ -77,7 +77,8 @@ def summarize(table: pa.Table, params: dict, stats: dict) -> tuple[dict, list[di
                **{k: stats[k] for k in ("unique_images", "multi_label_images", "max_labels_per_image")},
                "quota_total": int(sum(quotas)), "classes_short": short, "num_classes_short": len(short),
                "policy": params["policy"], "top_p": params["top_p"], "min_score": params["min_score"],
-               "temperature": params["temperature"], "per_class": rows}
+               "temperature": params["temperature"], "per_class": rows,
+               **({"rank_temperature": params["rank_temperature"]} if "rank_temperature" in params else {})}
     return summary, rows
 
 

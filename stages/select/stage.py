@@ -18,20 +18,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from pipeline.errors import IntegrityError, ManifestError, PartFailed
+from pipeline.errors import InputError, IntegrityError, ManifestError, PartFailed
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import Exclusion, load_exclusion
-from stages.artifacts.logits_format import SCHEMA_VERSION as LOGITS_SCHEMA_VERSION
-from stages.artifacts.logits_format import read_metadata
+from stages.artifacts.logits_format import LSE1, read_metadata
 from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
 from stages.artifacts.parquet import open_parquet, write_parquet
 from stages.artifacts.selection import SCHEMA_VERSION
 from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
+from stages.select.policy import rank_temperature as rank_temperature_of
 from stages.select.report import write_report
 from stages.select.topk import ClassTopK
 
@@ -39,12 +39,13 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
 ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts
-_TYPED = ("key", "shard", "topk_index", "topk_logit", "lse")
+_TYPED = ("key", "shard", "topk_index", "topk_logit", "lse", LSE1)
 
 
 def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy: str = SelectOptions.policy,
            top_p: int | None = SelectOptions.top_p, min_score: float = SelectOptions.min_score,
            balance: bool = SelectOptions.balance, soft_targets: bool = SelectOptions.soft_targets,
+           rank_temperature: float | None = SelectOptions.rank_temperature,
            exclude: str | Path | None = SelectOptions.exclude, task_index: int = 0, num_tasks: int = 1,
            finalize_only: bool = False, do_finalize: bool = True, batch_rows: int = SelectOptions.batch_rows,
            gallery: int = SelectOptions.gallery, dataset: str | Path | None = SelectOptions.dataset,
@@ -60,6 +61,7 @@ def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy:
         min_score: the smallest score admitted (both policies).
         balance: ``threshold`` only: duplicate rows of classes under the cap to reach it (``dup`` > 0).
         soft_targets: carry ``topk_index``, ``topk_logit``, ``lse`` into the selection.
+        rank_temperature: score and rank at T = 1 (``lse1``) instead of the stored T; soft targets stay at T.
         exclude: an exclusion manifest (from dedup); its keys are dropped before ranking.
         task_index: this map task; num_tasks: how many map tasks.
         finalize_only: only reduce and write the manifest (every map part must be committed).
@@ -75,9 +77,9 @@ def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy:
     """
     logits_set = open_logits(logits)
     spec = make_spec(policy, per_class, top_p, logits_set.class_names, logits_set.topk, min_score, balance,
-                     soft_targets)
+                     soft_targets, rank_at=rank_temperature_of(rank_temperature, logits_set.temperature))
     exclusion = load_exclusion(exclude) if exclude else None
-    preflight(logits_set)
+    preflight(logits_set, need_lse1=spec.rank_temperature is not None)
     out = Path(out)
     params = selection_params(logits_set, spec, exclusion)
     maps = map_store(out, params, num_tasks)
@@ -109,10 +111,11 @@ def map_store(out: Path, params: dict, num_tasks: int) -> PartStore:
     return PartStore(out / MAP_DIR / f"tasks-{num_tasks}", ".parquet", fp, parquet_rows)
 
 
-def preflight(logits_set: LogitsSet) -> None:
-    """Refuse, before any work, logits parts whose metadata or column types differ, naming every one."""
+def preflight(logits_set: LogitsSet, need_lse1: bool = False) -> None:
+    """Refuse, before any work, logits parts whose metadata or column types differ, naming every one
+    (and, with ``need_lse1``, logits without the T = 1 normaliser)."""
     expected = {key: logits_set.params[key] for key in AGREEING}
-    expected["schema_version"] = LOGITS_SCHEMA_VERSION
+    expected["schema_version"] = logits_set.params.get("parquet_schema_version", 1)
     bad, first_types = [], None
     for index in range(logits_set.num_parts):
         path = logits_set.part_path(index)
@@ -129,6 +132,10 @@ def preflight(logits_set: LogitsSet) -> None:
             diffs.append(f"column types {types} differ from the first part's {first_types}")
         if diffs:
             bad.append(f"{path.name} ({'; '.join(diffs)})")
+        if need_lse1 and LSE1 not in schema.names:
+            raise InputError(f"{path}: no {LSE1} column (logits schema version {meta.get('schema_version')}); "
+                             "--rank-temperature 1 needs the T = 1 normaliser: recompute these logits with this "
+                             "kdpipe (schema 2 stores it), or drop --rank-temperature")
     if bad:
         raise ManifestError(f"{logits_set.manifest.path}: {len(bad)} logits part(s) differ in temperature, "
                             f"top-K, classes, teacher or schema: {', '.join(bad[:10])}; a selection never "
@@ -156,6 +163,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
     views = "view" in schema.names
     read = ["key", "shard", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
+    read += [scorer.lse_column] if scorer.lse_column not in read else []
     images = excluded = 0
     for part in block:
         offset = 0
@@ -224,7 +232,8 @@ def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, nu
                   totals: dict) -> PartResult:
     top = _merge_maps(maps, spec, num_tasks, batch_rows)
     meta = {"schema_version": SCHEMA_VERSION, "logits_id": params["logits_id"], "policy": spec.policy,
-            "temperature": params["temperature"], "topk": params["topk"], "top_p": spec.depth}
+            "temperature": params["temperature"], "topk": params["topk"], "top_p": spec.depth,
+            **({"rank_temperature": spec.rank_temperature} if spec.rank_temperature is not None else {})}
     table = final_table(top, spec, meta)
     write_parquet(table, tmp)
     _, per_image = np.unique(top.column(ROW_ID).to_numpy(), return_counts=True)
