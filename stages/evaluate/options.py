@@ -18,3 +18,4 @@ class EvaluateOptions:
     batch_size: int = option(32, "images per forward pass")
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda when available)", type=str)
     num_workers: int | None = option(None, "decode workers of the logits stage", type=int)
+    threads: int = option(0, "CPU threads of the forward pass (0: torch's default; 1 on a shared, busy CPU)")

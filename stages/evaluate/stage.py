@@ -145,7 +145,8 @@ def _teacher_batch(acc: Accumulator, table: pa.Table, ranked: np.ndarray, t_tabl
 def evaluate(model: str | Path, data: str | Path, out: str | Path, *,
              teacher_logits: str | Path | None = EvaluateOptions.teacher_logits,
              labels: str | Path | None = EvaluateOptions.labels, batch_size: int = EvaluateOptions.batch_size,
-             device: str | None = EvaluateOptions.device, num_workers: int | None = EvaluateOptions.num_workers) -> Path:
+             device: str | None = EvaluateOptions.device, num_workers: int | None = EvaluateOptions.num_workers,
+             threads: int = EvaluateOptions.threads) -> Path:
     """Evaluate a model (or teacher) card on a dataset and write the report in ``out``; return its manifest.
 
     Args:
@@ -157,6 +158,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *,
         batch_size: images per forward pass of the logits stage.
         device: ``cpu``, ``cuda``... (default: CUDA when available).
         num_workers: decode workers of the logits stage.
+        threads: CPU threads of the forward pass (0: torch's default).
 
     Raises:
         InputError / ManifestError: inputs that do not fit together, before any work.
@@ -170,7 +172,7 @@ def evaluate(model: str | Path, data: str | Path, out: str | Path, *,
     out = Path(out)
     path = compute_logits(dataset.path, card.path, out / LOGITS_DIR, topk=int(card.params["num_classes"]),
                           temperature=1.0, logit_dtype="float32", batch_size=batch_size, device=device,
-                          num_workers=num_workers)
+                          num_workers=num_workers, threads=threads)
     student = open_logits(path)
     acc = score(student, teacher, truth)
     return _write_evaluation(out, card, dataset, student, teacher, truth, acc)

@@ -27,5 +27,6 @@ class LogitsOptions:
                                      type=int)
     prefetch: int = option(2, "records prepared ahead per worker (no effect on the output)")
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda when available)", type=str)
+    threads: int = option(0, "CPU threads of the forward pass (0: torch's default; 1 on a shared, busy CPU)")
     compile: bool = option(False, "torch.compile the teacher (CUDA)")
     gpu_decode: bool = option(False, "decode JPEGs on the GPU (CUDA)")

@@ -72,7 +72,8 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
                    device: str | None = LogitsOptions.device, compile_model: bool = LogitsOptions.compile,
                    gpu_decode: bool = LogitsOptions.gpu_decode, retry_failed: bool = False, max_attempts: int = 3,
                    finalize: bool = True, aug: AugSpec | None = None,
-                   reuse: str | Path | None = LogitsOptions.reuse) -> Path | None:
+                   reuse: str | Path | None = LogitsOptions.reuse,
+                   threads: int = LogitsOptions.threads) -> Path | None:
     """Compute the logits parts of one array task, then finalize the artifact when every part is committed.
 
     Args:
@@ -100,6 +101,7 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
             (key, view) with the view columns of ``stages.artifacts.views``; None = the centre view only.
         reuse: old logits of a base of this (grown) dataset: unchanged shards get their old parts rewritten,
             byte-identical to computing them, without running the teacher (``stages.logits_reuse``).
+        threads: CPU threads of the forward pass (``torch.set_num_threads``; 0 leaves torch's default).
 
     Returns:
         The logits manifest's path, or None while parts of other tasks are missing.
@@ -111,6 +113,8 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
     setup = prepare(data_manifest, card, out, topk=topk, temperature=temperature, batch_size=batch_size,
                     embeddings=embeddings, logit_dtype=logit_dtype, device=device, compile_model=compile_model,
                     gpu_decode=gpu_decode, aug=aug)
+    if threads:
+        torch.set_num_threads(int(threads))
     store = _store(setup)
     block = plan_block(task_index, num_tasks, len(setup.data.files))
     base = None if reuse is None else load_base(reuse, setup.params, setup.data)

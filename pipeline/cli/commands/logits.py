@@ -46,7 +46,7 @@ def run(args) -> int:
     try:
         path = compute_logits(args.data, args.teacher, args.out, task_index=index, num_tasks=count,
                               loader_batch=opts.loader_batch, num_workers=opts.num_workers, prefetch=opts.prefetch,
-                              retry_failed=task.retry_failed, max_attempts=task.max_attempts,
+                              retry_failed=task.retry_failed, max_attempts=task.max_attempts, threads=opts.threads,
                               finalize=not task.no_finalize, **_options(args, opts))
     except PartFailed as exc:
         log.error("%s", exc)
