@@ -1,10 +1,13 @@
 """Model construction by architecture name: any torchvision classification model, plus ``smallcnn``.
 
-``smallcnn`` suits tiny images (the bundled 8x8 digits rendered at 28 px). Every model exposes its
-penultimate features through ``features_and_logits`` (used for dedup embeddings).
+``smallcnn`` suits tiny images (the bundled 8x8 digits rendered at 28 px); ``smallcnn-W`` is the same network
+with W channels in its first block (default 32; the name, recorded in the card as ``arch``, rebuilds it). Every
+model exposes its penultimate features through ``features_and_logits`` (used for dedup embeddings).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -34,8 +37,12 @@ class SmallCNN(nn.Module):
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """A freshly initialised classifier named ``arch`` with ``num_classes`` outputs (no downloads)."""
-    if arch == "smallcnn":
-        return SmallCNN(num_classes)
+    small = re.fullmatch(r"smallcnn(?:-(\d+))?", arch)
+    if small:
+        width = int(small.group(1) or 32)
+        if not 1 <= width <= 1024:
+            raise ValueError(f"architecture {arch!r}: smallcnn-W takes a width W in 1..1024")
+        return SmallCNN(num_classes, width=width)
     import torchvision
 
     try:
