@@ -12,6 +12,7 @@ from stages.train.augment import AugmentSpec
 
 CODE_VERSION = "train-1"
 LOSSES = ("hard", "soft", "mix")
+OPTIMIZERS = ("sgd", "adamw")
 DIGITS_PREPROCESS = Preprocess(size=28, crop_fraction=1.0)
 
 
@@ -23,15 +24,18 @@ class TrainConfig:
     Defaults suit the bundled digits (8x8 scans rendered at 28 px, ``smallcnn``).
     """
 
-    arch: str = option("smallcnn", "smallcnn or a torchvision model name; with --init CARD and no --arch, the card's")
+    arch: str = option("smallcnn", "smallcnn, smallcnn-W (W channels, default 32) or a torchvision model name; "
+                                   "with --init CARD and no --arch, the card's")
     loss: str = option("hard", "hard pseudo-labels (cross-entropy), soft teacher targets (KL at T, times T^2), "
                                "or a mix", choices=LOSSES)
     alpha: float = option(0.5, "mix: alpha * soft + (1 - alpha) * hard")
     epochs: int = option(30, "passes over the training shards")
     batch_size: int = option(32, "samples per step, per rank")
-    lr: float = option(0.05, "peak learning rate (SGD, Nesterov momentum)")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay")
+    lr: float = option(0.05, "peak learning rate")
+    optimizer: str = option("sgd", "sgd (Nesterov momentum, L2 weight decay) or adamw (decoupled weight decay; "
+                                   "--momentum is its beta1)", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum (AdamW: beta1)")
+    weight_decay: float = option(5e-4, "weight decay (SGD: L2 penalty; AdamW: decoupled, typically 0.01-0.05)")
     warmup_epochs: float = option(1.0, "linear warm-up, then cosine to 0")
     label_smoothing: float = option(0.0, "label smoothing of the hard loss")
     residual: str = option("exact", "mass outside the stored top-K: spread evenly (exact) or dropped (renorm)",
@@ -49,6 +53,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.residual not in RESIDUAL_POLICIES:
             raise ValueError(f"--residual {self.residual!r}: use one of {', '.join(RESIDUAL_POLICIES)}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -60,11 +66,14 @@ class TrainConfig:
             raise ValueError("--num-workers, --checkpoint-every and --threads must be >= 0")
 
     def fingerprint_params(self) -> dict:
-        """The parameters that change the trained weights (device and logging excluded)."""
+        """The parameters that change the trained weights (device and logging excluded; ``optimizer`` only
+        when it is not the default SGD, so that configs from before AdamW keep their fingerprints)."""
         data = asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
         for name in ("device", "log_every", "threads"):
             data.pop(name)
+        if self.optimizer == "sgd":
+            data.pop("optimizer")
         return data
 
 

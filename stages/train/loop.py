@@ -130,9 +130,13 @@ def _model(config: TrainConfig, inputs: TrainInputs, env: dd.DistEnv, init) -> t
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig, plan: DataPlan) -> tuple:
-    """SGD with Nesterov momentum; linear warm-up then cosine decay over all steps of the run."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
-                                weight_decay=config.weight_decay)
+    """SGD with Nesterov momentum, or AdamW; linear warm-up then cosine decay over all steps of the run."""
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.momentum, 0.999),
+                                      weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=True,
+                                    weight_decay=config.weight_decay)
     steps = config.epochs * plan.steps_per_epoch
     warmup = round(config.warmup_epochs * plan.steps_per_epoch)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
