@@ -34,26 +34,31 @@ HIDDEN = "_hidden"
 
 @dataclass(frozen=True)
 class SplitRule:
-    """One ``name=amount`` of a split spec: amount is a count, a fraction, ``N/class`` or ``rest``."""
+    """One ``name=amount`` of a split spec: amount is a count, a fraction, ``N/class`` or ``rest``.
+
+    ``N/class`` draws N per class at random (seeded); ``N/class:first`` takes the first N of each class in
+    source order (a fixed labeled subset that no seed changes)."""
 
     name: str
     count: int | None = None
     fraction: float | None = None
     per_class: int | None = None
+    first: bool = False
 
 
 def parse_split(spec: str) -> list[SplitRule]:
     """Parse ``labeled=3/class,test=500,unlabeled=rest``; raise ``InputError`` naming the bad item."""
     rules = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
-        match = re.fullmatch(r"([A-Za-z0-9_-]+)=(rest|\d+/class|\d+|0?\.\d+)", item)
+        match = re.fullmatch(r"([A-Za-z0-9_-]+)=(rest|\d+/class(?::first|:seeded)?|\d+|0?\.\d+)", item)
         if not match:
-            raise InputError(f"--split item {item!r}: expected name=N, name=0.F, name=N/class or name=rest")
+            raise InputError(f"--split item {item!r}: expected name=N, name=0.F, name=N/class, "
+                             "name=N/class:first or name=rest")
         name, amount = match.groups()
         if amount == "rest":
             rules.append(SplitRule(name))
-        elif amount.endswith("/class"):
-            rules.append(SplitRule(name, per_class=int(amount.split("/")[0])))
+        elif "/class" in amount:
+            rules.append(SplitRule(name, per_class=int(amount.split("/")[0]), first=amount.endswith(":first")))
         elif "." in amount:
             rules.append(SplitRule(name, fraction=float(amount)))
         else:
@@ -73,7 +78,10 @@ def assign_splits(labels: list[int | None], rules: list[SplitRule], seed: int) -
             raise InputError(f"--split {rule.name}={rule.per_class}/class needs a labeled source")
         for label in sorted({lab for lab in labels}):
             members = [i for i in pool if labels[i] == label]
-            taken[rule.name] += [members[j] for j in rng.permutation(len(members))[: rule.per_class]]
+            if rule.first:  # source order: the pool is sorted by item index
+                taken[rule.name] += members[: rule.per_class]
+            else:
+                taken[rule.name] += [members[j] for j in rng.permutation(len(members))[: rule.per_class]]
         pool = sorted(set(pool) - set(taken[rule.name]))
     pool = [pool[j] for j in rng.permutation(len(pool))]
     total = len(labels)
