@@ -222,6 +222,27 @@ def _substitute(value: Any, outs: dict, refs: set, where: str) -> Any:
     return _REF.sub(repl, value)
 
 
+def rename_refs(value: Any, names: dict[str, str]) -> Any:
+    """``value`` with every ``${old}`` reference to a stage in ``names`` replaced by ``${names[old]}`` (strings,
+    and lists/dicts of them; ``$${`` literals and other references are kept). ``kdpipe sweep`` uses it."""
+    if isinstance(value, list):
+        return [rename_refs(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: rename_refs(v, names) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    repl = lambda m: m.group(0) if m.group(0) == "$${" or m.group(1) not in names else "${" + names[m.group(1)] + "}"
+    return _REF.sub(repl, value)
+
+
+def references(value: Any) -> set[str]:
+    """The names that ``${name}`` references in ``value`` point at (strings, lists and dicts of them)."""
+    if isinstance(value, (list, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        return set().union(*(references(v) for v in items)) if items else set()
+    return {m.group(1) for m in _REF.finditer(value) if m.group(1)} if isinstance(value, str) else set()
+
+
 def _absolute(value: str, base: Path) -> Path:
     path = Path(os.path.expanduser(value))
     return (path if path.is_absolute() else base / path).resolve()

@@ -24,6 +24,7 @@ from pipeline.cli.commands import (
     select,
     status,
     submit,
+    sweep,
     teacher,
     train,
     verify,
@@ -33,7 +34,7 @@ from pipeline.log import setup_logging
 
 log = logging.getLogger("kdpipe")
 COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
-            check_views)
+            check_views, sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ class Row:
     training: str | None = None
 
 
-def _report(folder: Path) -> dict:
+def read_report(folder: Path) -> dict:
     """The ``report.json`` of a finished evaluation/precision folder (its manifest must load)."""
     manifest = mf.load(folder, kind="report")
     try:
@@ -38,12 +38,12 @@ def collect(run_dir: Path, rows: list[Row], precision: str | None) -> dict:
     """The summary dict: per row top-1 / top-5 / agreement with the teacher, and pseudo-label precision."""
     out = {"rows": []}
     for row in rows:
-        metrics = _report(run_dir / row.evaluation)["metrics"]
+        metrics = read_report(run_dir / row.evaluation)["metrics"]
         agreement = metrics.get("agreement") or {}
         out["rows"].append({"label": row.label, "stage": row.evaluation, "top1": metrics.get("top1"),
                             "top5": metrics.get("topk"), "teacher_agreement": agreement.get("top1")})
     if precision:
-        report = _report(run_dir / precision)
+        report = read_report(run_dir / precision)
         out["pseudo_label_precision"] = {"precision": report["precision"], "rows": report["rows"],
                                          "known": report["known"]}
     return out

@@ -38,6 +38,8 @@ class TrainConfig:
     weight_decay: float = option(5e-4, "weight decay (SGD: L2 penalty; AdamW: decoupled, typically 0.01-0.05)")
     warmup_epochs: float = option(1.0, "linear warm-up, then cosine to 0")
     label_smoothing: float = option(0.0, "label smoothing of the hard loss")
+    freeze_bn: bool = option(False, "keep BatchNorm running statistics as they are (its layers in eval mode; "
+                                    "their scale and shift still train): fine-tuning on a few labeled images")
     residual: str = option("exact", "mass outside the stored top-K: spread evenly (exact) or dropped (renorm)",
                            choices=RESIDUAL_POLICIES)
     seed: int = option(0, "seed of initialisation, shuffling and views")
@@ -66,14 +68,15 @@ class TrainConfig:
             raise ValueError("--num-workers, --checkpoint-every and --threads must be >= 0")
 
     def fingerprint_params(self) -> dict:
-        """The parameters that change the trained weights (device and logging excluded; ``optimizer`` only
-        when it is not the default SGD, so that configs from before AdamW keep their fingerprints)."""
+        """The parameters that change the trained weights (device and logging excluded; ``optimizer`` and
+        ``freeze_bn`` only when not at their defaults, so that configs from before them keep their fingerprints)."""
         data = asdict(self)
         data["preprocess"] = self.preprocess.to_dict()
         for name in ("device", "log_every", "threads"):
             data.pop(name)
-        if self.optimizer == "sgd":
-            data.pop("optimizer")
+        for name, default in (("optimizer", "sgd"), ("freeze_bn", False)):
+            if data[name] == default:
+                data.pop(name)
         return data
 
 

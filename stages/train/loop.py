@@ -193,6 +193,8 @@ def _run_epoch(run: Run, epoch: int) -> None:
     loader = make_loader(run.plan, epoch, run.env.rank, start, list(run.state["positions"]),
                          pin_memory=run.env.device.type == "cuda")
     run.net.train()
+    if run.config.freeze_bn:
+        _freeze_batchnorm(run.model)
     done = start
     for batch in loader:
         _step(run, batch)
@@ -205,6 +207,13 @@ def _run_epoch(run: Run, epoch: int) -> None:
                          f"{run.env.rank} (too many undecodable samples?); see the failure counts in the log")
     run.state["epoch_seconds"] += time.time() - started
     _end_epoch(run, epoch)
+
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    """BatchNorm layers in eval mode: they normalise with (and keep) their running statistics."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _step(run: Run, batch: dict) -> None:
