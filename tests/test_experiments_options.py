@@ -21,6 +21,7 @@ from stages.artifacts.logits_reader import open_logits
 from stages.ingest.stage import assign_splits, parse_split
 from stages.logits.stage import compute_logits
 from stages.models.classifiers import build_model
+from stages.select.policy import exact_scores
 from stages.select.stage import select
 from stages.train.config import TrainConfig
 from stages.train.loop import _optimizer
@@ -148,3 +149,9 @@ def test_first_draw_takes_the_first_n_of_each_class_in_source_order_whatever_the
     assert len({tuple(s) for s in seeded}) > 1  # the seeded draw does depend on the seed
     with pytest.raises(InputError, match="name=N/class:first"):
         parse_split("labeled=2/class:last")
+
+
+def test_scores_never_exceed_one_when_float16_rounds_a_logit_above_its_normaliser():
+    z = np.array([[10.004]], dtype=np.float16)  # stored as 10.0078: above the float32 lse1 10.004
+    lse1 = np.array([10.004], np.float32)
+    assert float(z[0, 0]) > float(lse1[0]) and exact_scores(z, lse1, 1.0)[0, 0] == np.float32(1.0)

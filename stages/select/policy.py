@@ -5,7 +5,7 @@
 - ``threshold`` (Noisy Student): an image is a candidate of its argmax class only, kept when p >= min_score;
   a per-class cap bounds each class and ``balance`` duplicates rows of classes below the cap.
 
-The score is defined once, here: float32(exp(float64(z) / T - float64(lse))). ``--rank-temperature 1`` scores
+The score is defined once, here: float32(min(1, exp(float64(z) / T - float64(lse)))). ``--rank-temperature 1`` scores
 at T = 1 with the stored ``lse1`` (logits schema 2) instead: p_1(l|x) = exp(z_l - lse1), e.g. to rank at
 T = 1 logits stored at T = 4 for distillation; other temperatures cannot be rebuilt from top-K storage. Scoring streams: a float32
 log-space prefilter against the per-class admission thresholds (with a safety margin) discards most
@@ -130,8 +130,10 @@ def _read_quota_file(path: Path) -> list[tuple[str, str]]:
 
 
 def exact_scores(logit: np.ndarray, lse: np.ndarray, temperature: float) -> np.ndarray:
-    """The selection score: float32(exp(float64(z) / T - float64(lse)))."""
-    return np.exp(logit.astype(np.float64) / temperature - lse.astype(np.float64)).astype(np.float32)
+    """The selection score: float32(exp(float64(z) / T - float64(lse))), at most 1 (float16 storage can round a
+    dominant logit above its float32 normaliser: exp(z - lse1) of a near-one-hot row may come out 1.0002)."""
+    scores = np.exp(logit.astype(np.float64) / temperature - lse.astype(np.float64))
+    return np.minimum(scores, 1.0).astype(np.float32)
 
 
 class Scorer:
