@@ -94,8 +94,11 @@ class Plan:
 
     @property
     def digest(self) -> str:
-        """Identity of the sweep's stages (names report folders): the same sweep gives the same digest."""
-        return sha256_json(self.raw["stages"])[:12]
+        """Identity of the sweep's stages and report settings (names report folders): the same sweep gives the
+        same digest; another label or title gives another folder rather than a refused rewrite."""
+        spec = self.spec
+        shown = {"labels": spec.labels, "title": spec.title, "source": spec.source, "evaluate": list(spec.evaluate)}
+        return sha256_json({"stages": self.raw["stages"], "report": shown})[:12]
 
 
 def experiments() -> list[str]:
