@@ -15,9 +15,9 @@ from pipeline.cli import build_parser, main
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
 from stages.artifacts.cards import load_classifier, write_card
-from stages.imaging import normalise
 from stages.artifacts.logits_format import LSE1, SCHEMA_VERSION, read_metadata
 from stages.artifacts.logits_reader import open_logits
+from stages.imaging import normalise
 from stages.ingest.stage import assign_splits, parse_split
 from stages.logits.stage import compute_logits
 from stages.models.classifiers import build_model

@@ -5,11 +5,11 @@ as ordinary jobs, and the bundled experiment configs."""
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import yaml
 
 from pipeline import manifest as mf

@@ -29,17 +29,9 @@ from typing import Any
 import yaml
 
 from pipeline.atomic import write_atomic
-from pipeline.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    references,
-    rename_refs,
-    validate_config,
-)
+from pipeline.config import Config, apply_overrides, config_from_dict, references, rename_refs, validate_config
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
-from stages.summary.sweep import SweepRow, publish_sweep
 
 SWEEP_KEY = "x-sweep"
 PLAN_NAME = "sweep.yaml"
@@ -363,65 +355,9 @@ def plan_sweep(path: Path, *, overrides: list[str] = (), out: Path | None = None
 def describe(plan: Plan) -> str:
     """What the sweep runs: its runs and the stage copies each adds to the shared ones (printed)."""
     shared = [n for n in plan.raw["stages"] if all(n in r.copies.values() for r in plan.runs)]
-    lines = [f"sweep of stage {plan.spec.stage}: {len(plan.runs)} run(s), {len(plan.raw['stages'])} stage(s) "
-             f"({len(shared)} shared); config: {plan.config.run_dir / PLAN_NAME}"]
+    lines = [(f"sweep of stage {plan.spec.stage}: {len(plan.runs)} run(s), {len(plan.raw['stages'])} stage(s) "
+              f"({len(shared)} shared); config: {plan.config.run_dir / PLAN_NAME}")]
     for run in plan.runs:
         own = [c for s, c in run.copies.items() if c != s]
         lines.append(f"  {run.name}: {', '.join(own) or '(the plain config)'}")
     return "\n".join(lines)
-
-
-def evaluation_stages(plan: Plan, kind: str = "model") -> list[str]:
-    """The original evaluate stages the report reads: ``kind`` ``model`` (evaluations) or ``selection``."""
-    stages = plan.spec.evaluate if kind == "model" and plan.spec.evaluate else [
-        n for n, b in plan.stages.items() if b["command"] == "evaluate"]
-    return [n for n in stages if kind in (plan.stages[n].get("args") or {})]
-
-
-def report_rows(plan: Plan, kind: str = "model") -> list[SweepRow]:
-    """The report's rows: per evaluation stage, one row shared by every variant, or one per variant."""
-    rows = []
-    for stage in evaluation_stages(plan, kind):
-        groups = {}
-        for run in plan.runs:
-            groups.setdefault(run.variant.name, []).append(run)
-        per_variant = {v: _distinct(runs, stage) for v, runs in groups.items()}
-        shared = len({tuple(c for c, _ in copies) for copies in per_variant.values()}) == 1
-        label = plan.spec.labels.get(stage, stage)
-        for variant, copies in per_variant.items():
-            rows.append(_row(plan, stage, label, None if shared else variant, copies))
-            if shared:
-                break
-    return rows
-
-
-def _distinct(runs: list[Run], stage: str) -> list[tuple[str, Run]]:
-    seen: dict[str, Run] = {}
-    for run in runs:
-        seen.setdefault(run.copies[stage], run)
-    return list(seen.items())
-
-
-def _row(plan: Plan, stage: str, label: str, variant: str | None, copies: list[tuple[str, Run]]) -> SweepRow:
-    folders = [plan.config.stages[c].out for c, _ in copies]
-    model = references((plan.stages[stage].get("args") or {}).get("model", ""))
-    trainings = []
-    for _, run in copies:
-        trained = next((run.copies[m] for m in sorted(model) if m in run.copies), None)
-        stage_of = plan.config.stages.get(trained) if trained else None
-        ok = stage_of is not None and stage_of.command in ("train", "teacher")
-        trainings.append(stage_of.out if ok else None)
-    return SweepRow(label=label, variant=variant, stage=stage, evaluations=tuple(folders),
-                    trainings=tuple(trainings), seeds=tuple(r.seed for _, r in copies))
-
-
-def write_report(plan: Plan) -> tuple[Path, dict]:
-    """Publish the sweep's comparison report in ``RUN_DIR/report-<digest>/``; return its manifest and summary."""
-    spec = plan.spec
-    meta = {"title": spec.title, "source": spec.source, "stage": spec.stage, "seeds": spec.seeds,
-            "seed_stages": list(spec.seed_stages),
-            "variants": [{"name": v.name, "values": [{"stage": s, "arg": a, "value": x} for s, a, x in v.values]}
-                         for v in spec.variants],
-            "runs": [{"name": r.name, "variant": r.variant.name, "seed": r.seed, "copies": r.copies} for r in plan.runs]}
-    return publish_sweep(plan.config.run_dir / f"report-{plan.digest}", report_rows(plan, "model"),
-                         precision=report_rows(plan, "selection"), meta=meta)

@@ -99,8 +99,8 @@ def _name(row: dict) -> str:
 
 def table(summary: dict) -> str:
     """The main table (what ``kdpipe sweep`` prints): one line per row, mean ± sd over its runs, in %."""
-    lines = ["| model | variant | runs | test top-1 % | top-5 % | mean per-class % | agreement with teacher % | "
-             "KL(teacher‖model) nats |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [("| model | variant | runs | test top-1 % | top-5 % | mean per-class % | agreement with teacher % | "
+              "KL(teacher‖model) nats |"), "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in summary["rows"]:
         lines.append(f"| {r['label']} | {r['variant'] or '(all)'} | {r['n']} | {_pct(r['top1'], r['top1_sd'])} | "
                      f"{_pct(r['top5'], r['top5_sd'])} | {_pct(r['mean_per_class'], r['mean_per_class_sd'])} | "
@@ -126,8 +126,8 @@ def markdown(summary: dict) -> str:
     head = [f"# {summary['title'] or 'Sweep of stage ' + summary['stage']}", ""]
     if summary.get("source"):
         head += [f"Source: {summary['source']}", ""]
-    head += [f"Swept stage `{summary['stage']}`; {summary['seeds']} seed(s) per variant; mean ± sample "
-             "standard deviation over the runs of each row.", ""]
+    head += [(f"Swept stage `{summary['stage']}`; {summary['seeds']} seed(s) per variant; mean ± sample "
+              "standard deviation over the runs of each row."), ""]
     body = [table(summary), "", "## Per-class top-1 accuracy (mean over runs, %)", "", per_class_table(summary), "",
             "![confusion matrices](confusion_matrices.png)", "", "![training curves](training_curves.png)", ""]
     return "\n".join(head + body)

@@ -46,7 +46,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pipeline.cli.run import run_pipeline
     from pipeline.cli.submit import submit
-    from pipeline.cli.sweep import PLAN_NAME, describe, experiment_path, plan_sweep, write_report
+    from pipeline.cli.sweep import PLAN_NAME, describe, experiment_path, plan_sweep
+    from pipeline.cli.sweep_report import write_report
     from pipeline.errors import InputError
     from stages.summary.sweep import table
 
