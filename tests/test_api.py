@@ -321,3 +321,28 @@ def test_export_follows_timms_columns_in_every_format(chain, tmp_path):
     with pytest.raises(InputError, match="export takes logits or selection"):
         export(chain["reshard"], tmp_path / "x.csv")
     assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("argv, options", [(["show", "M"], "ShowOptions"), (["export", "M", "--output", "F"],
+                                                                          "ExportOptions")])
+def test_show_and_export_flags_left_out_take_their_dataclass_defaults(argv, options):
+    import dataclasses
+
+    from pipeline.cli import build_parser
+    from pipeline.options import from_args
+    from stages.artifacts import describe
+    from stages.artifacts import export as export_module
+
+    cls = getattr(describe, options, None) or getattr(export_module, options)
+    args = build_parser().parse_args(argv)
+    assert all(getattr(args, f.name) is None for f in dataclasses.fields(cls))
+    assert from_args(cls, args) == cls()
+
+
+def test_show_and_export_load_neither_torch_nor_webdataset():
+    code = ("import importlib, json, sys\n"
+            "for name in ('pipeline.cli.commands.show', 'pipeline.cli.commands.export', 'stages.artifacts.describe',"
+            " 'stages.artifacts.export'): importlib.import_module(name)\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'webdataset', 'matplotlib') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert json.loads(out.stdout) == []
