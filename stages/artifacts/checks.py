@@ -137,7 +137,8 @@ def plus_sidecars(check: ContentCheck | None) -> ContentCheck:
     """``check`` per file, plus ``sidecar_problems`` once per artifact (with its last file)."""
     def run(manifest: mf.Manifest, entry: dict, where: Path) -> list[str]:
         problems = check(manifest, entry, where) if check is not None else []
-        if entry is manifest.files[-1]:
+        files = manifest.data.get("files")
+        if files and entry is files[-1]:
             problems += sidecar_problems(manifest)
         return problems
     return run

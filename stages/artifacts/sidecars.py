@@ -97,9 +97,12 @@ def timm_info(data: dict) -> bytes:
 
 
 def write_sidecars(out_dir: Path, data: dict) -> None:
-    """Write (atomically, replacing) every sidecar of the manifest content ``data`` into ``out_dir``."""
+    """Write every sidecar of the manifest content ``data`` into ``out_dir`` (atomically), leaving one that
+    already holds those bytes untouched (a rerun of a complete stage changes no file)."""
     for name, body in sidecars_for(data).items():
-        write_atomic(Path(out_dir) / name, body)
+        path = Path(out_dir) / name
+        if not path.is_file() or path.read_bytes() != body:
+            write_atomic(path, body)
 
 
 def with_sidecars(out_dir: Path | str, build: Callable[[list[dict]], dict]) -> Callable[[list[dict]], dict]:
