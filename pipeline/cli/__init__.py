@@ -17,11 +17,13 @@ from pipeline.cli.commands import (
     dedup,
     demo,
     evaluate,
+    export,
     ingest,
     logits,
     reshard,
     run,
     select,
+    show,
     status,
     submit,
     sweep,
@@ -34,7 +36,7 @@ from pipeline.log import setup_logging
 
 log = logging.getLogger("kdpipe")
 COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
-            check_views, sweep)
+            check_views, sweep, show, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

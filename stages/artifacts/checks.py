@@ -5,8 +5,10 @@ its manifest, so they catch a part that was *written* wrong (a buggy or foreign 
 damaged later. Logits parts: readable footer, columns and types of the contract, metadata agreeing with the
 manifest, the part's shard index, unique keys (unique (key, view) pairs in a multi-view part), class ids in
 [0, C) and distinct per row, top-K logits sorted descending, finite lse with lse >= max(z)/T (and, when the
-part stores it, finite lse1 >= max(z)), and softened probabilities summing to at most 1. Reading streams record batches (memory bounded by the batch, plus the
-part's keys for the duplicate check).
+part stores it, finite lse1 >= max(z)), and softened probabilities summing to at most 1. Reading streams record
+batches (memory bounded by the batch, plus the part's keys for the duplicate check). With the last file of a
+manifest, the check of every kind also compares the sidecars beside it (``README.md`` dataset card, timm's
+``_info.json``) with what the manifest gives.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError
-from pipeline.verify import count_check
+from pipeline.verify import ContentCheck, count_check
 from stages.artifacts.exclusion import check_exclusion_part
 from stages.artifacts.logits_format import LSE1, READ_VERSIONS, fixed_list_to_numpy, index_type, read_metadata
 from stages.artifacts.logits_reader import AGREEING, row_faults
 from stages.artifacts.parquet import open_parquet
 from stages.artifacts.selection import check_selection_part
+from stages.artifacts.sidecars import sidecar_problems
 from stages.shardio import count_samples
 
 _BATCH_ROWS = 65536
@@ -135,5 +138,17 @@ def _key_problems(keys: list, seen: set[str]) -> list[str]:
     return problems[:3]
 
 
-CHECKS = {"dataset": count_check(count_samples, "samples", "samples"), "logits": check_logits_part,
-          "selection": check_selection_part, "exclusion": check_exclusion_part}
+def plus_sidecars(check: ContentCheck | None) -> ContentCheck:
+    """``check`` per file, plus ``sidecar_problems`` once per artifact (with its last file)."""
+    def run(manifest: mf.Manifest, entry: dict, where: Path) -> list[str]:
+        problems = check(manifest, entry, where) if check is not None else []
+        files = manifest.data.get("files")
+        if files and entry is files[-1]:
+            problems += sidecar_problems(manifest)
+        return problems
+    return run
+
+
+_PER_FILE = {"dataset": count_check(count_samples, "samples", "samples"), "logits": check_logits_part,
+             "selection": check_selection_part, "exclusion": check_exclusion_part}
+CHECKS = {kind: plus_sidecars(check) for kind, check in _PER_FILE.items()}

@@ -36,6 +36,7 @@ from stages.artifacts.exclusion import REASONS
 from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 from stages.artifacts.parquet import write_parquet
+from stages.artifacts.sidecars import with_sidecars
 from stages.dedup.options import DedupOptions
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = 
         "exclusion", stage="dedup", params=params, files=file_entries(receipts), inputs=inputs,
         totals={"rows": receipts[0]["rows"], "samples": int(pool.manifest.totals.get("rows", 0)),
                 **receipts[0]["extra"]})
-    return finalize(store, 1, build)
+    return finalize(store, 1, with_sidecars(Path(out), build))
 
 
 def _check_embeddings(pool: LogitsSet, ref: LogitsSet | None) -> None:

@@ -34,6 +34,7 @@ from pipeline.verify import parquet_rows
 from stages import imaging
 from stages.artifacts.cards import load_classifier, preprocess_of
 from stages.artifacts.logits_format import SCHEMA_VERSION
+from stages.artifacts.sidecars import with_sidecars
 from stages.logits.assemble import assemble_part, recoverable_keys
 from stages.logits.data import PartFeed, ShardBlock, ShardRef, make_loader
 from stages.logits.inference import Engine, compute_mode, resolve_device
@@ -325,7 +326,7 @@ def finalize_logits(setup: Setup, store: PartStore, base: Base | None = None) ->
                   "failures": failure_totals(receipts), "classes": setup.params["num_classes"]}
         return mf.build("logits", stage="logits", params=setup.params, files=file_entries(receipts),
                         totals=totals, inputs=inputs)
-    return finalize_parts(store, total, build)
+    return finalize_parts(store, total, with_sidecars(setup.out, build))
 
 
 def finalize_only(data_manifest: str | Path, card: str | Path, out: str | Path, **options) -> Path | None:

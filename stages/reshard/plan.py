@@ -71,15 +71,16 @@ def shuffle_order(n: int, seed: int, part: int) -> np.ndarray:
     return np.random.default_rng([seed, part]).permutation(n)
 
 
-def targets_json(row: dict, temperature: float, views: list[dict] | None = None) -> bytes:
-    """The ``json`` member of a training sample: score, provenance and the soft targets (compact, sorted).
+def targets_json(row: dict, temperature: float, num_classes: int, views: list[dict] | None = None) -> bytes:
+    """The ``json`` member of a training sample: score, provenance and the soft targets (compact, sorted), with
+    the class count C so that a reader can build dense targets from the sample alone.
 
     ``views`` (multi-view logits): every stored view's parameters and targets (``artifacts.views.view_record``),
     under ``"views"``; the top-level targets stay view 0's.
     """
     body = {"score": row["score"], "source_key": row["key"], "source_shard": row["shard"], "dup": row["dup"],
             "topk_index": list(row["topk_index"]), "topk_logit": list(row["topk_logit"]), "lse": row["lse"],
-            "temperature": temperature}
+            "temperature": temperature, "num_classes": num_classes}
     if views is not None:
         body["views"] = views
     return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

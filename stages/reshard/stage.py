@@ -1,8 +1,9 @@
 """Reshard: write the selected samples as new WebDataset training shards with hard and soft targets.
 
 Each training sample holds the original image member (original extension and bytes), ``cls`` (the
-pseudo-label, ascii) and ``json`` (score, provenance and the teacher's top-K logits + lse + temperature),
-so training needs no look-ups. Output shard j reads a contiguous run of source shards once, sequentially
+pseudo-label, ascii) and ``json`` (score, provenance, the teacher's top-K logits + lse + temperature, and
+the class count ``num_classes``), so training needs no look-ups. Beside the manifest, timm's ``_info.json``
+(``artifacts.sidecars``) lists the shards and their sample counts for ``timm`` ``wds/`` datasets. Output shard j reads a contiguous run of source shards once, sequentially
 (``reshard_plan.plan_output_shards``); array tasks take blocks of output shards; within a shard samples
 are shuffled with a seed. Every selected row lands exactly once or is a counted failure with its key
 (``missing_key``, ``missing_image``, ``not_an_image``, decode reasons, ``missing_soft_targets``,
@@ -31,6 +32,7 @@ from pipeline.planning import plan_block
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.artifacts.lineage import Lineage, resolve_lineage
 from stages.artifacts.selection import TARGET_COLUMNS, SelectionRows
+from stages.artifacts.sidecars import with_sidecars
 from stages.artifacts.views import view_record, views_from_table
 from stages.imaging import IMAGE_EXTENSIONS, SampleError, decode, sniff_extension
 from stages.reshard.options import ReshardOptions
@@ -38,7 +40,7 @@ from stages.reshard.plan import plan_output_shards, plan_waves, sample_key, shuf
 from stages.shardio import ShardStats, count_samples, read_shard, write_shard
 
 log = logging.getLogger(__name__)
-CODE_VERSION = "reshard-1"
+CODE_VERSION = "reshard-2"  # 2: json carries num_classes
 HEADER_BYTES = 1024  # tar header + padding of the added json member, per sample (size estimate only)
 SPOOL_MEMORY = 64 << 20
 
@@ -133,7 +135,8 @@ class _PartWriter:
                     continue
                 seen.add(out_key)
                 ext, offset, size = images[row["key"]]
-                body = targets_json({**row, **targets[row["key"]]}, self.temperature, views.get(row["key"]))
+                body = targets_json({**row, **targets[row["key"]]}, self.temperature, self.num_classes,
+                                    views.get(row["key"]))
                 samples.append((out_key, ext, offset, size, row["label"], body, members))
         return samples
 
@@ -306,7 +309,7 @@ def _finalize(store: PartStore, lineage: Lineage, rows: SelectionRows, plan: _Pl
                   "per_class": per_class}
         return mf.build("dataset", stage="reshard", params=manifest_params, inputs=inputs,
                         files=file_entries(receipts, "samples"), totals=totals)
-    return finalize(store, len(plan.parts), build)
+    return finalize(store, len(plan.parts), with_sidecars(out, build))
 
 
 def iter_training_samples(manifest: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

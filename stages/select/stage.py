@@ -28,6 +28,7 @@ from stages.artifacts.logits_format import LSE1, read_metadata
 from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
 from stages.artifacts.parquet import open_parquet, write_parquet
 from stages.artifacts.selection import SCHEMA_VERSION
+from stages.artifacts.sidecars import with_sidecars
 from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
@@ -217,7 +218,7 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
         totals={"rows": sum(p["rows"] for p in parts), "samples": sum(p["rows"] for p in parts),
                 "images_read": totals["images"], "excluded": totals["excluded"],
                 "classes": logits_set.num_classes})
-    path = finalize(store, 1, build)
+    path = finalize(store, 1, with_sidecars(out, build))
     write_report(mf.load(path, kind="selection"), stats, gallery=gallery, dataset=dataset)
     return path
 
