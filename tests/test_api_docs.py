@@ -127,7 +127,7 @@ def test_load_dataset_loads_the_parts_of_logits_and_selection_and_nothing_else(d
     ns, chain = docs_run["ns"], docs_run["chain"]
     assert ns["logits_ds"].num_rows == mf.load(chain["logits"]).totals["rows"] == 240
     assert ns["selection_ds"].num_rows == mf.load(chain["select"]).totals["rows"]
-    assert ns["logits_ds"].column_names == ["key", "shard", "topk_index", "topk_logit", "lse"]
+    assert ns["logits_ds"].column_names == ["key", "shard", "topk_index", "topk_logit", "lse", "lse1"]
     assert ns["selection_ds"]["key"] == pq.read_table(mf.load(chain["select"]).folder / "part-000000.parquet",
                                                       columns=["key"]).column("key").to_pylist()
 
@@ -138,7 +138,7 @@ def test_duckdb_softened_probabilities_equal_soft_targets_for_the_same_rows(docs
     assert rows.num_rows == 8 and rows["key"].to_pylist() == sorted(rows["key"].to_pylist())
     assert np.array(rows["topk_index"].to_pylist()).tolist() == same.indices.tolist()
     np.testing.assert_allclose(np.array(rows["probs"].to_pylist()), same.probs, rtol=1e-6)
-    assert ns["frame"].shape == (240, 5)
+    assert ns["frame"].shape == (240, 6)
 
 
 def test_the_exports_of_the_docs_hold_the_stored_rows(docs_run):
