@@ -2,7 +2,7 @@
 # Each creates .venv and installs kdpipe with its extras on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,cpu,demo
+EXTRAS ?= dev,cpu,demo,teachers,storage,interop
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow test-all clean
