@@ -4,9 +4,11 @@ Writes a synthetic logits artifact (C=1000 classes, top-K=10, N images in parts 
 logits contract, then for each N in ``--scales`` runs, each in its own subprocess (so peak RSS is that
 run's alone): ``kdpipe select --per-class 2000 --top-p 5`` and DuckDB (unnest the top-P, window per label
 ordered by score desc and key asc, keep rank < K, ORDER BY and COPY to Parquet). Checks that both give the
-same rows (key, label, rank, score), prints images/s, the ratio, and peak RSS of each.
+same rows (key, label, rank, score), prints images/s, the speed ratio (DuckDB s / kdpipe s), peak RSS of each
+and their ratio (kdpipe / DuckDB). With ``--repeat R`` each N runs R times, the engines' order alternating (the
+machine may be shared: the 1-minute load average before each run is printed too).
 
-    .venv/bin/python benchmarks/select_throughput.py --n 20000000 --scales 5000000,10000000,20000000
+    .venv/bin/python benchmarks/select_throughput.py --n 5000000 --scales 2000000,5000000 --repeat 2
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ def main() -> None:
     parser.add_argument("--part-rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kdpipe-select-bench"))
     parser.add_argument("--skip-duckdb", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per N; the engines' order alternates")
     args = parser.parse_args()
     scales = [int(s) for s in args.scales.split(",")] if args.scales else [args.n]
     num_parts = -(-max(scales) // args.part_rows)
@@ -165,25 +168,35 @@ def main() -> None:
     print(f"synthetic logits: {num_parts} parts x {args.part_rows:,} rows, C={C}, K={K} "
           f"({time.perf_counter() - started:.0f} s; load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"{'N':>12} {'kdpipe s':>9} {'img/s':>11} {'RSS MiB':>8} {'duckdb s':>9} {'img/s':>11} {'RSS MiB':>8} "
-          f"{'speed x':>8} {'mem x':>6}  same rows  (load 1/5 min)")
+          f"{'speed x':>8} {'RSS k/d':>7}  same rows  order (1-min load before kdpipe/duckdb)")
     for n in scales:
         parts = n // args.part_rows
         manifest = logits_manifest(args.workdir / f"n{n}", store, meta, parts)
-        out = args.workdir / f"sel-{n}-{time.time_ns()}"
-        k = run_child("kdpipe", manifest, out)
-        d = {"seconds": float("nan"), "rss_mib": float("nan")}
-        same = (True, "not compared")
-        if not args.skip_duckdb:
-            duck = args.workdir / f"duck-{n}.parquet"
-            d = run_child("duckdb", manifest, duck)
-            same = same_rows(out / "part-000000.parquet", duck)
-        rows = parts * args.part_rows
-        load = os.getloadavg()
-        print(f"{rows:>12,} {k['seconds']:>9.2f} {rows / k['seconds']:>11,.0f} {k['rss_mib']:>8.0f} "
-              f"{d['seconds']:>9.2f} {rows / d['seconds']:>11,.0f} {d['rss_mib']:>8.0f} "
-              f"{d['seconds'] / k['seconds']:>8.2f} {d['rss_mib'] / k['rss_mib']:>6.2f}  {same[0]} ({same[1]})"
-              f"  ({load[0]:.2f}/{load[1]:.2f})", flush=True)
+        for rep in range(args.repeat):
+            engines = ["kdpipe"] + ([] if args.skip_duckdb else ["duckdb"])
+            order = engines if rep % 2 == 0 else engines[::-1]  # alternate who runs first (shared machine)
+            print_row(parts * args.part_rows, time_pair(args.workdir, n, manifest, order), "".join(e[0] for e in order))
 
+
+def time_pair(workdir: Path, n: int, manifest: Path, order: list[str]) -> dict:
+    """Run the engines in ``order`` on the same logits; their timings, the load before each, same rows."""
+    outs = {"kdpipe": workdir / f"sel-{n}-{time.time_ns()}", "duckdb": workdir / f"duck-{n}.parquet"}
+    result = {"duckdb": {"seconds": float("nan"), "rss_mib": float("nan"), "load": float("nan")},
+              "same": (True, "not compared")}
+    for engine in order:
+        load = os.getloadavg()[0]
+        result[engine] = {**run_child(engine, manifest, outs[engine]), "load": load}
+    if "duckdb" in order:
+        result["same"] = same_rows(outs["kdpipe"] / "part-000000.parquet", outs["duckdb"])
+    return result
+
+
+def print_row(rows: int, r: dict, order: str) -> None:
+    k, d = r["kdpipe"], r["duckdb"]
+    print(f"{rows:>12,} {k['seconds']:>9.2f} {rows / k['seconds']:>11,.0f} {k['rss_mib']:>8.0f} "
+          f"{d['seconds']:>9.2f} {rows / d['seconds']:>11,.0f} {d['rss_mib']:>8.0f} "
+          f"{d['seconds'] / k['seconds']:>8.2f} {k['rss_mib'] / d['rss_mib']:>7.2f}  {r['same'][0]} ({r['same'][1]})"
+          f"  {order} ({k['load']:.2f}/{d['load']:.2f})", flush=True)
 
 if __name__ == "__main__":
     main()
