@@ -121,13 +121,22 @@ def check_rows(path: Path, rows: pa.RecordBatch | pa.Table, num_classes: int, to
         The keys that must be unique within the part (view-0 rows of a multi-view part).
     """
     index = fixed_list_to_numpy(rows.column("topk_index"), topk)
-    logit = fixed_list_to_numpy(rows.column("topk_logit"), topk).astype(np.float32)
-    for bad, what in row_faults(index, logit, num_classes):
-        _refuse_rows(path, rows, bad, what)
+    logit = fixed_list_to_numpy(rows.column("topk_logit"), topk)
+    if not _all_sound(index, logit, num_classes):  # the per-row masks only to name a faulty row
+        for bad, what in row_faults(index, logit.astype(np.float32), num_classes):
+            _refuse_rows(path, rows, bad, what)
     keys = rows.column("key")
     if "view" in rows.schema.names:
         keys = keys.filter(pc.equal(rows.column("view"), 0))
     return keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+
+
+def _all_sound(index: np.ndarray, logit: np.ndarray, num_classes: int) -> bool:
+    """``row_faults`` finds nothing: the same tests as whole-array reductions (no per-row masks)."""
+    if index.size == 0:
+        return True
+    return bool(index.min() >= 0 and index.max() < num_classes and np.isfinite(logit).all()
+                and not (logit[:, 1:] > logit[:, :-1]).any())
 
 
 def row_faults(index: np.ndarray, logit: np.ndarray, num_classes: int) -> list[tuple[np.ndarray, str]]:
@@ -151,12 +160,21 @@ def check_unique_keys(path: Path, keys: list[pa.Array]) -> None:
     if not keys:
         return
     column = pa.chunked_array(keys, pa.string())
-    if column.null_count or len(column.unique()) != len(column):  # unique() hashes ~2x faster than count_distinct
+    if column.null_count or not (_ascending(column) or len(column.unique()) == len(column)):
         counts = pc.value_counts(column)
         dup = counts.filter(pc.greater(counts.field("counts"), 1))
         name = dup[0]["values"].as_py() if len(dup) else None
         raise IntegrityError(f"{path}: key {name!r} appears more than once (or is null); keys are unique within "
                              "a part: recompute it (`kdpipe verify` lists every damaged part)")
+
+
+def _ascending(keys: pa.ChunkedArray) -> bool:
+    """Keys strictly ascending (so unique): one vectorised comparison of neighbours, ~25x faster than hashing
+    them with ``unique()`` (which is ~2x faster than ``count_distinct``); parts written in key order pass it."""
+    if len(keys) < 2:
+        return True
+    flat = keys.combine_chunks()
+    return bool(pc.all(pc.less(flat[:-1], flat[1:])).as_py())
 
 
 def open_logits(path: str | Path) -> LogitsSet:

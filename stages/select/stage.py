@@ -29,12 +29,13 @@ from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
 from stages.artifacts.parquet import open_parquet, write_parquet
 from stages.artifacts.selection import SCHEMA_VERSION
 from stages.artifacts.sidecars import with_sidecars
+from stages.select.fetch import fetch_payload
 from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
 from stages.select.policy import rank_temperature as rank_temperature_of
 from stages.select.report import write_report
-from stages.select.topk import ClassTopK
+from stages.select.topk import ClassTopK, ScoreTopK
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
@@ -156,33 +157,39 @@ def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion
 
 def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None, block: range,
               batch_rows: int) -> PartResult:
-    """Stream logits parts ``block`` and write their exact per-class candidates to ``tmp``."""
-    columns = payload_columns(spec.soft_targets)
+    """Stream logits parts ``block`` and write their exact per-class candidates to ``tmp``.
+
+    Pass 1 ranks by numbers alone (``ScoreTopK``); pass 2 reads the survivors' payload back (``fetch_payload``)
+    and ``ClassTopK`` breaks the ties at each class's boundary by key.
+    """
     schema = pq.read_schema(logits_set.part_path(0))
-    payload = pa.schema([schema.field(c) for c in columns] + [pa.field(ROW_ID, pa.int64())])
-    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
+    payload = pa.schema([schema.field(c) for c in payload_columns(spec.soft_targets)] + [pa.field(ROW_ID, pa.int64())])
+    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score)
     scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
     views = "view" in schema.names
-    read = ["key", "shard", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
+    read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
     images = excluded = 0
     for part in block:
         offset = 0
         for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
-            seen, dropped = _offer(acc, scorer, batch, (part << 32) + offset, columns, exclusion, views)
+            seen, dropped = _offer(bound, scorer, batch, (part << 32) + offset, exclusion, views)
             images, excluded, offset = images + seen, excluded + dropped, offset + batch.num_rows
+    labels, scores, ids = bound.result()
+    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
+    acc.add(labels, scores, fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows))
     table = acc.result()
     write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
-             block.start, block.stop - 1, table.num_rows, acc.compactions)
+             block.start, block.stop - 1, table.num_rows, bound.compactions)
     extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}
     return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
                       extra=extra)
 
 
-def _offer(acc: ClassTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, columns: list[str],
-           exclusion: Exclusion | None, views: bool) -> tuple[int, int]:
-    """Offer one logits batch's candidates to ``acc``; return (images seen, images excluded)."""
+def _offer(bound: ScoreTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, exclusion: Exclusion | None,
+           views: bool) -> tuple[int, int]:
+    """Offer one logits batch's candidates to ``bound``; return (images seen, images excluded)."""
     dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
     excluded = 0 if dropped is None else int(dropped.sum())
     seen = batch.num_rows
@@ -190,9 +197,8 @@ def _offer(acc: ClassTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int,
         other = batch.column("view").to_numpy() != 0
         dropped = other if dropped is None else (dropped | other)
         seen = int((~other).sum())
-    labels, scores, rows = scorer(batch, acc.thr, dropped)
-    payload = pa.Table.from_batches([batch.select(columns).take(pa.array(rows))])
-    acc.add(labels, scores, payload.append_column(ROW_ID, pa.array(first_id + rows)))
+    labels, scores, rows = scorer(batch, bound.thr, dropped)
+    bound.add(labels, scores, first_id + rows.astype(np.int64))
     return seen, excluded
 
 

@@ -92,6 +92,64 @@ class ClassTopK:
         return table.append_column("score", pa.array(scores[order], pa.float32()))
 
 
+class ScoreTopK:
+    """Per-class top-K_l by score alone over (label, score, row id) candidates, numpy only (no payload, no keys).
+
+    The same admission thresholds and compaction as ``ClassTopK``, except that every row tied at a full class's
+    K_l-th score is kept: keys, which break those ties, are not at hand. The rows kept are thus a superset of
+    the exact top K_l (the exact ones plus the ties at the boundary); ``ClassTopK`` over them, with their
+    payload, gives the exact rows. Memory: 16 bytes a row, O(classes x K) plus the boundary ties (when ties
+    keep the buffer above half of ``cap``, ``cap`` doubles so that compactions stay amortised).
+    """
+
+    def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None):
+        self.quotas = np.asarray(quotas, dtype=np.int64)
+        self.thr = np.where(self.quotas > 0, np.float32(floor), np.float32(np.inf)).astype(np.float32)
+        self.cap = cap if cap is not None else max(2 * int(self.quotas.sum()), 65536)
+        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._rows = 0
+        self.compactions = 0
+
+    def add(self, labels: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Offer candidates: class ``labels``, ``scores`` and int64 row ``ids`` (one per candidate)."""
+        keep = scores >= self.thr[labels]
+        if not keep.all():
+            labels, scores, ids = labels[keep], scores[keep], ids[keep]
+        if len(labels):
+            self._chunks.append((labels.astype(np.int32, copy=False), scores.astype(np.float32, copy=False),
+                                 ids.astype(np.int64, copy=False)))
+            self._rows += len(labels)
+        if self._rows > self.cap:
+            self.compact()
+
+    def compact(self) -> None:
+        """Drop every row below its full class's K_l-th score and raise the thresholds to it."""
+        labels, scores, ids = self._concat()
+        order, counts, starts = group_by_label(labels, len(self.quotas))
+        full = (counts > self.quotas) & (self.quotas > 0)
+        grouped = scores[order]
+        for cls in np.flatnonzero(full):
+            at = counts[cls] - self.quotas[cls]
+            self.thr[cls] = max(self.thr[cls], np.partition(grouped[starts[cls]:starts[cls] + counts[cls]], at)[at])
+        keep = np.flatnonzero(scores >= self.thr[labels])
+        self._chunks = [(labels[keep], scores[keep], ids[keep])]
+        self._rows = len(keep)
+        self.cap = max(self.cap, 2 * self._rows)
+        self.compactions += 1
+
+    def _concat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self._chunks:
+            return np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.int64)
+        return tuple(np.concatenate(arrays) for arrays in zip(*self._chunks))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(labels, scores, ids) of the rows kept, by id ascending: the exact top K_l rows and their ties."""
+        self.compact()
+        labels, scores, ids = self._concat()
+        order = np.argsort(ids, kind="stable")
+        return labels[order], scores[order], ids[order]
+
+
 def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row order grouping rows by label (a stable radix sort on 16-bit labels), rows per class, starts."""
     small = labels.astype(np.uint16) if num_classes <= 65536 else labels
