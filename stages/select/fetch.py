@@ -1,6 +1,9 @@
-"""The second pass of a select map task: the payload columns of its surviving candidates, read back by row id.
+"""Reading logits for a select map task: the first pass's batches one ahead, and the survivors' payload.
 
-The first pass ranks candidates by numbers alone (``ScoreTopK``: label, score, row id); only the few rows that
+``prefetched`` advances the logits batch stream on a second thread, one batch ahead of the scoring: Parquet
+decoding and the reader's row checks (which release the GIL) overlap the numpy scoring of the batch before.
+
+The second pass, ``fetch_payload``: the first pass ranks candidates by numbers alone (``ScoreTopK``: label, score, row id); only the few rows that
 survive it (the per-class top K_l and the ties at the boundary) need their key, shard and soft targets.
 They are read here from their logits parts, row group by row group (groups without a survivor are skipped),
 a batch at a time, so memory is the survivors' payload plus one batch. Each part is opened through
@@ -9,12 +12,39 @@ a batch at a time, so memory is the survivors' payload plus one batch. Each part
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, TypeVar
+
 import numpy as np
 import pyarrow as pa
 
 from stages.artifacts.logits_reader import LogitsSet
 
 ROW_BITS = 32  # a row id is (logits part << 32) + row within the part
+T = TypeVar("T")
+_END = object()
+
+
+def prefetched(items: Iterator[T]) -> Iterator[T]:
+    """``items``, each one produced on a worker thread while the caller works on the one before.
+
+    An exception of the producer is raised here, at the item it failed on; memory is one item more.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="select-read") as pool:
+        ahead = pool.submit(next, items, _END)
+        while (item := ahead.result()) is not _END:
+            ahead = pool.submit(next, items, _END)
+            yield item
+
+
+def numbered_batches(logits_set: LogitsSet, parts: range, columns: list[str],
+                     batch_rows: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(row id of the first row, batch) of logits ``parts`` in order (``LogitsSet.iter_batches``, rows checked)."""
+    for part in parts:
+        offset = 0
+        for batch in logits_set.iter_batches(columns=columns, batch_rows=batch_rows, parts=[part]):
+            yield (part << ROW_BITS) + offset, batch
+            offset += batch.num_rows
 
 
 def fetch_payload(logits_set: LogitsSet, ids: np.ndarray, schema: pa.Schema, id_column: str,

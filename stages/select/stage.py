@@ -29,7 +29,7 @@ from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
 from stages.artifacts.parquet import open_parquet, write_parquet
 from stages.artifacts.selection import SCHEMA_VERSION
 from stages.artifacts.sidecars import with_sidecars
-from stages.select.fetch import fetch_payload
+from stages.select.fetch import fetch_payload, numbered_batches, prefetched
 from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
@@ -40,7 +40,7 @@ from stages.select.topk import ClassTopK, ScoreTopK
 log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
-ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts
+ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts (fetch.ROW_BITS)
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse", LSE1)
 
 
@@ -170,11 +170,9 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
     images = excluded = 0
-    for part in block:
-        offset = 0
-        for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
-            seen, dropped = _offer(bound, scorer, batch, (part << 32) + offset, exclusion, views)
-            images, excluded, offset = images + seen, excluded + dropped, offset + batch.num_rows
+    for first_id, batch in prefetched(numbered_batches(logits_set, block, read, batch_rows)):
+        seen, dropped = _offer(bound, scorer, batch, first_id, exclusion, views)
+        images, excluded = images + seen, excluded + dropped
     labels, scores, ids = bound.result()
     acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
     acc.add(labels, scores, fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows))
