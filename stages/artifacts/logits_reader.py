@@ -69,7 +69,7 @@ class LogitsSet:
             raise IntegrityError(f"{path}: listed in {self.manifest.path} but missing")
         if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
             raise IntegrityError(f"{path}: size or sha256 differs from {self.manifest.path}; refusing to read it")
-        handle = open_parquet(path, hint="; recompute it (`kdpipe verify` lists every damaged part)")
+        handle = open_parquet(path, hint="; recompute it (`kdpipe verify` lists every damaged part)", pre_buffer=False)
         self._check_metadata(path, read_metadata(handle.schema_arrow), handle.metadata.num_rows, entry)
         return handle
 

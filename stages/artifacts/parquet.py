@@ -32,10 +32,14 @@ def named_errors(path: Path | str, what: str = "Parquet file", error: type[Kdpip
 
 
 def open_parquet(path: Path | str, what: str = "Parquet file", error: type[KdpipeError] = IntegrityError,
-                 hint: str = "") -> pq.ParquetFile:
-    """``pq.ParquetFile(path)`` or ``error`` naming the file (the footer is read here)."""
+                 hint: str = "", pre_buffer: bool = True) -> pq.ParquetFile:
+    """``pq.ParquetFile(path)`` or ``error`` naming the file (the footer is read here).
+
+    ``pre_buffer=False`` streams each column chunk instead of buffering a whole row group's (for readers that
+    iterate batches: on 1M-row logits parts, 31 instead of 81 MiB of Arrow memory, same speed).
+    """
     with named_errors(path, what, error, hint):
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path, pre_buffer=pre_buffer)
 
 
 def read_parquet(path: Path | str, columns: list[str] | None = None, what: str = "Parquet file",

@@ -98,6 +98,8 @@ def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
         for c in range(cols):
             ax = axes[r][c]
             ax.axis("off")
+            ax.set_xticks([])  # hidden either way; without ticks, layout and drawing skip ~2/3 of the work
+            ax.set_yticks([])
             if c < len(row):
                 key, score, thumb = row[c]
                 ax.imshow(thumb if thumb is not None else np.zeros((8, 8, 3), np.uint8))

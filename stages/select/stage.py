@@ -35,7 +35,7 @@ from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
 from stages.select.policy import rank_temperature as rank_temperature_of
 from stages.select.report import write_report
-from stages.select.topk import ClassTopK, ScoreTopK
+from stages.select.topk import ClassTopK, ScoreTopK, exact_rows
 
 log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
@@ -174,9 +174,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
         seen, dropped = _offer(bound, scorer, batch, first_id, exclusion, views)
         images, excluded = images + seen, excluded + dropped
     labels, scores, ids = bound.result()
-    acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
-    acc.add(labels, scores, fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows))
-    table = acc.result()
+    table = exact_rows(labels, scores, fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows), spec.quotas)
     write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
              block.start, block.stop - 1, table.num_rows, bound.compactions)

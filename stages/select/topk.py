@@ -157,9 +157,24 @@ def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np
     return np.argsort(small, kind="stable"), counts, np.cumsum(counts) - counts
 
 
+def exact_rows(labels: np.ndarray, scores: np.ndarray, payload: pa.Table, quotas: np.ndarray) -> pa.Table:
+    """What ``ClassTopK.result`` gives for these candidates at once (they fit in memory: e.g. ``ScoreTopK``'s
+    survivors with their payload), taking the payload once: the exact top K_l rows with ``label`` and
+    ``score``, by (label asc, score desc, key asc)."""
+    keys = payload.column("key")
+    keep, _ = _exact_keep(labels, scores, keys, np.asarray(quotas, dtype=np.int64))
+    rows = keep[sorted_order(labels[keep], scores[keep], keys, len(quotas), key_rows=keep)]
+    table = payload.take(pa.array(rows))
+    table = table.append_column("label", pa.array(labels[rows], pa.int32()))
+    return table.append_column("score", pa.array(scores[rows], pa.float32()))
+
+
 def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array,
-                 num_classes: int) -> np.ndarray:
-    """Row order by (label asc, score desc, key asc): numeric sorts per class, keys compared only in ties."""
+                 num_classes: int, key_rows: np.ndarray | None = None) -> np.ndarray:
+    """Row order by (label asc, score desc, key asc): numeric sorts per class, keys compared only in ties.
+
+    Row i's key is ``keys[i]``, or ``keys[key_rows[i]]`` when ``key_rows`` is given.
+    """
     order, counts, starts = group_by_label(labels, num_classes)
     grouped = scores[order]
     for cls in np.flatnonzero(counts > 1):
@@ -170,7 +185,7 @@ def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray |
     if equal.any():
         tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])
         rows = order[tied]
-        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows))})
+        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows if key_rows is None else key_rows[rows]))})
         order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending")]).to_numpy()]
     return order
 
