@@ -14,10 +14,10 @@ from pipeline.errors import IntegrityError, KdpipeError
 ROW_GROUP = 1 << 20
 
 
-def write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> None:
+def write_parquet(table: pa.Table, path: Path, compression: str = "zstd", row_group: int = ROW_GROUP) -> None:
     """Deterministic Parquet write (fixed row groups; no dictionary or statistics for keys, they are unique)."""
     others = [c for c in table.column_names if c not in ("key", "matched_key")]
-    pq.write_table(table, path, compression=compression, row_group_size=ROW_GROUP, write_statistics=others,
+    pq.write_table(table, path, compression=compression, row_group_size=row_group, write_statistics=others,
                    use_dictionary=others)
 
 

@@ -41,7 +41,7 @@ def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
     if target.exists():
         log.info("%s exists; delete %s to redo the report", target, folder)
         return target
-    table = _read_selection(selection)
+    table = _read_selection(selection, gallery > 0)
     summary, rows = summarize(table, selection.params, stats)
     files = {"selection_report.json": json.dumps(summary, indent=1, sort_keys=True).encode() + b"\n",
              "per_class.csv": _csv(rows), "counts.png": _counts_png(rows), "scores.png": _scores_png(table, rows)}
@@ -53,9 +53,10 @@ def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
                           inputs=[mf.input_ref(selection, folder, "selection")])
 
 
-def _read_selection(selection: mf.Manifest) -> pa.Table:
-    tables = [pq.read_table(selection.file_path(e), columns=["key", "shard", "label", "score", "rank", "dup"])
-              for e in selection.files]
+def _read_selection(selection: mf.Manifest, with_keys: bool) -> pa.Table:
+    """The columns the report needs (``key`` and ``shard`` only for the gallery)."""
+    columns = (["key", "shard"] if with_keys else []) + ["label", "score", "dup"]
+    tables = [pq.read_table(selection.file_path(e), columns=columns) for e in selection.files]
     return pa.concat_tables(tables)
 
 

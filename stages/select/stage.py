@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError, PartFailed
+from pipeline.memory import release_memory
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
@@ -40,6 +41,7 @@ from stages.select.topk import ClassTopK, ScoreTopK, exact_rows
 log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
+MAP_ROW_GROUP = 1 << 17  # rows per row group of a map part (bounds the writer's buffers)
 ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts (fetch.ROW_BITS)
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse", LSE1)
 
@@ -160,27 +162,37 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     """Stream logits parts ``block`` and write their exact per-class candidates to ``tmp``.
 
     Pass 1 ranks by numbers alone (``ScoreTopK``); pass 2 reads the survivors' payload back (``fetch_payload``)
-    and ``ClassTopK`` breaks the ties at each class's boundary by key.
+    and ``exact_rows`` breaks the ties at each class's boundary by key.
     """
     schema = pq.read_schema(logits_set.part_path(0))
     payload = pa.schema([schema.field(c) for c in payload_columns(spec.soft_targets)] + [pa.field(ROW_ID, pa.int64())])
-    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score)
     scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
     views = "view" in schema.names
+    (labels, scores, ids), stats = _rank(logits_set, spec, scorer, exclusion, block, batch_rows, views)
+    release_memory()  # pass 1's buffers, before pass 2 allocates through Arrow
+    fetched = fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows)
+    release_memory()
+    table = exact_rows(labels, scores, fetched, spec.quotas)
+    del fetched
+    write_parquet(table, tmp, compression="snappy", row_group=MAP_ROW_GROUP)  # an intermediate: fast to read back
+    log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions",
+             stats["images"], block.start, block.stop - 1, table.num_rows, stats.pop("compactions"))
+    extra = {**stats, "candidates": scorer.candidates.tolist()}
+    return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
+                      extra=extra)
+
+
+def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Exclusion | None, block: range,
+          batch_rows: int, views: bool) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
+    """Pass 1: every logits batch of ``block`` through ``scorer`` into a ``ScoreTopK``; its survivors and counts."""
     read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
+    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score)
     images = excluded = 0
     for first_id, batch in prefetched(numbered_batches(logits_set, block, read, batch_rows)):
         seen, dropped = _offer(bound, scorer, batch, first_id, exclusion, views)
         images, excluded = images + seen, excluded + dropped
-    labels, scores, ids = bound.result()
-    table = exact_rows(labels, scores, fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows), spec.quotas)
-    write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
-    log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
-             block.start, block.stop - 1, table.num_rows, bound.compactions)
-    extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}
-    return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
-                      extra=extra)
+    return bound.result(), {"images": images, "excluded": excluded, "compactions": bound.compactions}
 
 
 def _offer(bound: ScoreTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, exclusion: Exclusion | None,

@@ -97,16 +97,17 @@ class ScoreTopK:
 
     The same admission thresholds and compaction as ``ClassTopK``, except that every row tied at a full class's
     K_l-th score is kept: keys, which break those ties, are not at hand. The rows kept are thus a superset of
-    the exact top K_l (the exact ones plus the ties at the boundary); ``ClassTopK`` over them, with their
-    payload, gives the exact rows. Memory: 16 bytes a row, O(classes x K) plus the boundary ties (when ties
-    keep the buffer above half of ``cap``, ``cap`` doubles so that compactions stay amortised).
+    the exact top K_l (the exact ones plus the ties at the boundary); ``exact_rows`` over them, with their
+    payload, gives the exact rows. Memory: buffers of ``cap`` rows at 16 bytes a row, filled in place, and
+    compaction's temporaries (14 bytes a row); O(classes x K) plus the boundary ties (when ties keep the buffer
+    above half of ``cap``, ``cap`` doubles so that compactions stay amortised).
     """
 
     def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None):
         self.quotas = np.asarray(quotas, dtype=np.int64)
         self.thr = np.where(self.quotas > 0, np.float32(floor), np.float32(np.inf)).astype(np.float32)
         self.cap = cap if cap is not None else max(2 * int(self.quotas.sum()), 65536)
-        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffers = (np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.int64))
         self._rows = 0
         self.compactions = 0
 
@@ -115,39 +116,59 @@ class ScoreTopK:
         keep = scores >= self.thr[labels]
         if not keep.all():
             labels, scores, ids = labels[keep], scores[keep], ids[keep]
-        if len(labels):
-            self._chunks.append((labels.astype(np.int32, copy=False), scores.astype(np.float32, copy=False),
-                                 ids.astype(np.int64, copy=False)))
-            self._rows += len(labels)
-        if self._rows > self.cap:
-            self.compact()
+        while len(labels):
+            room = min(len(labels), self.cap + 1 - self._rows)
+            self._reserve(self._rows + room)
+            for buffer, values in zip(self._buffers, (labels, scores, ids)):
+                buffer[self._rows:self._rows + room] = values[:room]
+            self._rows += room
+            labels, scores, ids = labels[room:], scores[room:], ids[room:]
+            if self._rows > self.cap:
+                self.compact()
+
+    def _reserve(self, rows: int) -> None:
+        if rows > len(self._buffers[0]):  # once, or when ties made ``cap`` grow
+            size = max(rows, self.cap + 1)
+            grown = tuple(np.empty(size, b.dtype) for b in self._buffers)
+            for old, new in zip(self._buffers, grown):
+                new[:self._rows] = old[:self._rows]
+            self._buffers = grown
 
     def compact(self) -> None:
         """Drop every row below its full class's K_l-th score and raise the thresholds to it."""
-        labels, scores, ids = self._concat()
-        order, counts, starts = group_by_label(labels, len(self.quotas))
-        full = (counts > self.quotas) & (self.quotas > 0)
-        grouped = scores[order]
-        for cls in np.flatnonzero(full):
-            at = counts[cls] - self.quotas[cls]
-            self.thr[cls] = max(self.thr[cls], np.partition(grouped[starts[cls]:starts[cls] + counts[cls]], at)[at])
-        keep = np.flatnonzero(scores >= self.thr[labels])
-        self._chunks = [(labels[keep], scores[keep], ids[keep])]
-        self._rows = len(keep)
-        self.cap = max(self.cap, 2 * self._rows)
+        labels, scores, ids = (b[:self._rows] for b in self._buffers)
+        self.thr = np.maximum(self.thr, kth_scores(labels, scores, self.quotas))
+        keep = scores >= self.thr[labels]
+        kept = int(keep.sum())
+        for buffer in self._buffers:
+            buffer[:kept] = buffer[:self._rows][keep]
+        self._rows = kept
+        self.cap = max(self.cap, 2 * kept)
         self.compactions += 1
 
-    def _concat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self._chunks:
-            return np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.int64)
-        return tuple(np.concatenate(arrays) for arrays in zip(*self._chunks))
-
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(labels, scores, ids) of the rows kept, by id ascending: the exact top K_l rows and their ties."""
+        """(labels, scores, ids) of the rows kept, by id ascending: the exact top K_l rows and their ties.
+
+        Call it once, at the end: it releases the buffers (the next step needs the memory).
+        """
         self.compact()
-        labels, scores, ids = self._concat()
+        labels, scores, ids = (b[:self._rows] for b in self._buffers)
+        self._buffers, self._rows = tuple(b[:0].copy() for b in self._buffers), 0
         order = np.argsort(ids, kind="stable")
         return labels[order], scores[order], ids[order]
+
+
+def kth_scores(labels: np.ndarray, scores: np.ndarray, quotas: np.ndarray) -> np.ndarray:
+    """Each class's K_l-th largest score where it holds more than K_l rows, else -inf (``np.partition`` per
+    class after a radix grouping by label)."""
+    order, counts, starts = group_by_label(labels, len(quotas))
+    kth = np.full(len(quotas), -np.inf, np.float32)
+    grouped = scores[order]
+    del order
+    for cls in np.flatnonzero((counts > quotas) & (quotas > 0)):
+        at = counts[cls] - quotas[cls]
+        kth[cls] = np.partition(grouped[starts[cls]:starts[cls] + counts[cls]], at)[at]
+    return kth
 
 
 def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
