@@ -192,22 +192,22 @@ def exact_rows(labels: np.ndarray, scores: np.ndarray, payload: pa.Table, quotas
 
 def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array,
                  num_classes: int, key_rows: np.ndarray | None = None) -> np.ndarray:
-    """Row order by (label asc, score desc, key asc): numeric sorts per class, keys compared only in ties.
+    """Row order by (label asc, score desc, key asc): one numeric sort, keys compared only in ties.
 
-    Row i's key is ``keys[i]``, or ``keys[key_rows[i]]`` when ``key_rows`` is given.
+    Row i's key is ``keys[i]``, or ``keys[key_rows[i]]`` when ``key_rows`` is given. Rows equal in all three
+    keep their input order (the numeric sort need not be stable: ties are re-sorted by key, then row).
     """
-    order, counts, starts = group_by_label(labels, num_classes)
-    grouped = scores[order]
-    for cls in np.flatnonzero(counts > 1):
-        seg = slice(starts[cls], starts[cls] + counts[cls])
-        order[seg] = order[seg][np.argsort(-grouped[seg], kind="stable")]
-    comp = composite(labels[order], scores[order])
+    comp = composite(labels, scores)
+    order = np.argsort(comp)
+    comp = comp[order]
     equal = comp[1:] == comp[:-1]
     if equal.any():
         tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])
         rows = order[tied]
-        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows if key_rows is None else key_rows[rows]))})
-        order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending")]).to_numpy()]
+        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows if key_rows is None else key_rows[rows])),
+                        "r": rows})
+        order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending"),
+                                                           ("r", "ascending")]).to_numpy()]
     return order
 
 
