@@ -1,7 +1,8 @@
 """Select: exact per-class top-K pseudo-labels from a logits artifact, as array-task map + one reduce.
 
-Map: task i of n streams its block of logits parts (``plan_block``) through ``ClassTopK`` and commits its
-exact per-class candidates (top K_l within the block) as ``DIR/_map/tasks-<n>/part-<i>.parquet``.
+Map: task i of n ranks its block of logits parts (``plan_block``) by numbers alone (``ScoreTopK``), reads back the
+survivors' payload (``fetch``) and commits its exact per-class candidates (top K_l within the block, ties by key:
+``exact_rows``) as ``DIR/_map/tasks-<n>/part-<i>.parquet``.
 Reduce: when every map part is committed (the last task to finish, or ``--finalize``), the map parts are
 streamed through the same accumulator; the result, with ranks and balance copies, is committed as
 ``DIR/part-000000.parquet``; then the selection manifest and the report (``DIR/report/``) are written.
