@@ -185,20 +185,26 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
 
 def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Exclusion | None, block: range,
           batch_rows: int, views: bool) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
-    """Pass 1: every logits batch of ``block`` through ``scorer`` into a ``ScoreTopK``; its survivors and counts."""
+    """Pass 1: every logits batch of ``block`` through ``scorer`` into a ``ScoreTopK``; its survivors and counts.
+
+    Reading, row checks and scoring run on the read-ahead thread, the ``ScoreTopK`` on this one (scoring may
+    use thresholds a batch old: they only rise, and ``ScoreTopK.add`` applies its current ones).
+    """
     read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
     bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score)
+    scored = (_score(scorer, batch, first_id, bound.thr, exclusion, views)
+              for first_id, batch in numbered_batches(logits_set, block, read, batch_rows))
     images = excluded = 0
-    for first_id, batch in prefetched(numbered_batches(logits_set, block, read, batch_rows)):
-        seen, dropped = _offer(bound, scorer, batch, first_id, exclusion, views)
+    for labels, scores, ids, seen, dropped in prefetched(scored):
+        bound.add(labels, scores, ids)
         images, excluded = images + seen, excluded + dropped
     return bound.result(), {"images": images, "excluded": excluded, "compactions": bound.compactions}
 
 
-def _offer(bound: ScoreTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, exclusion: Exclusion | None,
-           views: bool) -> tuple[int, int]:
-    """Offer one logits batch's candidates to ``bound``; return (images seen, images excluded)."""
+def _score(scorer: Scorer, batch: pa.RecordBatch, first_id: int, thr: np.ndarray, exclusion: Exclusion | None,
+           views: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """One logits batch's admitted candidates (labels, scores, row ids), images seen and images excluded."""
     dropped = excluded_rows(batch.column("key"), exclusion.keys if exclusion else None)
     excluded = 0 if dropped is None else int(dropped.sum())
     seen = batch.num_rows
@@ -206,9 +212,8 @@ def _offer(bound: ScoreTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: in
         other = batch.column("view").to_numpy() != 0
         dropped = other if dropped is None else (dropped | other)
         seen = int((~other).sum())
-    labels, scores, rows = scorer(batch, bound.thr, dropped)
-    bound.add(labels, scores, first_id + rows.astype(np.int64))
-    return seen, excluded
+    labels, scores, rows = scorer(batch, thr, dropped)
+    return labels, scores, first_id + rows.astype(np.int64), seen, excluded
 
 
 def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None,
