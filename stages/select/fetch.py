@@ -1,13 +1,15 @@
 """Reading logits for a select map task: the first pass's batches one ahead, and the survivors' payload.
 
-``prefetched`` advances the logits batch stream on a second thread, one batch ahead of the scoring: Parquet
-decoding and the reader's row checks (which release the GIL) overlap the numpy scoring of the batch before.
+``prefetched`` advances a stream on a second thread, one item ahead of its consumer: the map's first pass
+reads, checks and scores logits batches there (Parquet decoding and numpy release the GIL) while the main
+thread accumulates the batch before.
 
-The second pass, ``fetch_payload``: the first pass ranks candidates by numbers alone (``ScoreTopK``: label, score, row id); only the few rows that
-survive it (the per-class top K_l and the ties at the boundary) need their key, shard and soft targets.
-They are read here from their logits parts, row group by row group (groups without a survivor are skipped),
-a batch at a time, so memory is the survivors' payload plus one batch. Each part is opened through
-``LogitsSet.open_part`` again (size, sha256 and metadata): the bytes are those the first pass checked.
+``fetch_payload``, the second pass: the first ranks candidates by numbers alone (``ScoreTopK``: label, score,
+row id); only the rows that survive it (the per-class top K_l and the ties at the boundary) need their key,
+shard and soft targets. They are read here from their logits parts (two at a time), row group by row group
+(groups without a survivor are skipped), a batch at a time, so memory is the survivors' payload plus two
+batches. Each part is opened through ``LogitsSet.open_part`` again (size, sha256 and metadata): the bytes
+are those the first pass checked.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow as pa
 from stages.artifacts.logits_reader import LogitsSet
 
 ROW_BITS = 32  # a row id is (logits part << 32) + row within the part
+READERS = 2  # logits parts read at once by the second pass
 T = TypeVar("T")
 _END = object()
 
@@ -52,10 +55,10 @@ def fetch_payload(logits_set: LogitsSet, ids: np.ndarray, schema: pa.Schema, id_
     """The ``schema`` columns (all but ``id_column``) of the rows ``ids`` (ascending), with ``id_column``."""
     columns = [name for name in schema.names if name != id_column]
     parts, rows = ids >> ROW_BITS, ids & ((1 << ROW_BITS) - 1)
-    batches = []
-    for part in np.unique(parts):
-        lo, hi = np.searchsorted(parts, [part, part + 1])
-        batches += _part_rows(logits_set, int(part), rows[lo:hi], columns, batch_rows)
+    bounds = np.searchsorted(parts, np.unique(parts)[:, None] + [0, 1])
+    read = lambda lo_hi: _part_rows(logits_set, int(parts[lo_hi[0]]), rows[lo_hi[0]:lo_hi[1]], columns, batch_rows)
+    with ThreadPoolExecutor(READERS, thread_name_prefix="select-fetch") as pool:  # parts decode in parallel
+        batches = [batch for found in pool.map(read, bounds) for batch in found]
     payload = pa.Table.from_batches(batches, schema.remove(schema.get_field_index(id_column)))
     return payload.append_column(schema.field(id_column), pa.array(ids, pa.int64()))
 
