@@ -180,11 +180,13 @@ def group_by_label(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np
 
 def exact_rows(labels: np.ndarray, scores: np.ndarray, payload: pa.Table, quotas: np.ndarray) -> pa.Table:
     """What ``ClassTopK.result`` gives for these candidates at once (they fit in memory: e.g. ``ScoreTopK``'s
-    survivors with their payload), taking the payload once: the exact top K_l rows with ``label`` and
-    ``score``, by (label asc, score desc, key asc)."""
-    keys = payload.column("key")
-    keep, _ = _exact_keep(labels, scores, keys, np.asarray(quotas, dtype=np.int64))
-    rows = keep[sorted_order(labels[keep], scores[keep], keys, len(quotas), key_rows=keep)]
+    survivors with their payload), with one sort and one take of the payload: the exact top K_l rows with
+    ``label`` and ``score``, by (label asc, score desc, key asc)."""
+    order = sorted_order(labels, scores, payload.column("key"), len(quotas))
+    ordered = labels[order]
+    counts = np.bincount(ordered, minlength=len(quotas))
+    rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[ordered]
+    rows = order[rank < np.asarray(quotas)[ordered]]  # the first K_l of each class in that order
     table = payload.take(pa.array(rows))
     table = table.append_column("label", pa.array(labels[rows], pa.int32()))
     return table.append_column("score", pa.array(scores[rows], pa.float32()))
