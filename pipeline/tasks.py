@@ -15,8 +15,8 @@ from typing import Callable, Iterable
 
 from pipeline import manifest as mf
 from pipeline.errors import KdpipeError, ManifestError, PartFailed
-from pipeline.log import progress
 from pipeline.parts import PartStore, part_name
+from pipeline.progress import Progress, receipt_samples
 from pipeline.signals import check_stop, install_stop_handler, stop_requested
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def task_info(task_index: int, num_tasks: int) -> dict:
 
 def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], *,
               max_attempts: int = 3, retry_failed: bool = False, desc: str = "parts",
-              num_parts: int | None = None) -> TaskReport:
+              num_parts: int | None = None, part_samples: Callable[[int], int] | None = None) -> TaskReport:
     """Commit every part in ``indices`` that is not committed yet.
 
     A pre-timeout signal (``SIGUSR1``, see ``pipeline.signals``) stops the task between parts (or abandons the
@@ -60,8 +60,9 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
         produce: commits part ``index`` (through ``store.commit``) and returns its receipt.
         max_attempts: a part that failed this many times is skipped until ``retry_failed``.
         retry_failed: try parts again that reached ``max_attempts``.
-        desc: label of the progress bar.
+        desc: what the progress bar / progress lines call the task (``pipeline.progress``).
         num_parts: the stage's total part count, recorded for ``kdpipe status`` (optional).
+        part_samples: the samples of part ``index``, when known before it runs (a better ETA).
     """
     if not stop_requested():
         install_stop_handler()
@@ -71,30 +72,37 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
     report = TaskReport()
     failures = store.failures()
     indices = list(indices)
-    for index in progress(indices, desc=desc, total=len(indices), unit="part"):
-        check_stop(f"{store.out_dir} before {part_name(index)}")
-        if store.committed(index) is not None:
-            report.skipped.append(index)
-        elif not retry_failed and failures.get(index, {}).get("attempts", 0) >= max_attempts:
-            log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
-                      part_name(index), failures[index]["attempts"], failures[index].get("message"))
-            report.given_up.append(index)
-        else:
-            _attempt(store, index, produce, report)
+    expected = None if part_samples is None else sum(part_samples(i) for i in indices)
+    with Progress(desc, len(indices), expected) as shown:
+        for index in indices:
+            check_stop(f"{store.out_dir} before {part_name(index)}")
+            if store.committed(index) is not None:
+                report.skipped.append(index)
+                shown.skip(part_samples(index) if part_samples else 0)
+            elif not retry_failed and failures.get(index, {}).get("attempts", 0) >= max_attempts:
+                log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
+                          part_name(index), failures[index]["attempts"], failures[index].get("message"))
+                report.given_up.append(index)
+                shown.skip(part_samples(index) if part_samples else 0)
+            else:
+                shown.part_done(_attempt(store, index, produce, report))
     log.info("%s: %d committed, %d already done, %d failed, %d given up", store.out_dir,
              len(report.committed), len(report.skipped), len(report.failed), len(report.given_up))
     return report
 
 
-def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], report: TaskReport) -> None:
+def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], report: TaskReport) -> int | None:
+    """Produce one part; return its samples (from its receipt), or None when it failed."""
     try:
-        produce(index)
+        receipt = produce(index)
         report.committed.append(index)
     except (PartFailed, KdpipeError, OSError) as exc:
         reason = getattr(exc, "reason", type(exc).__name__)
         store.record_failure(index, reason, str(exc))
         report.failed[index] = str(exc)
         log.error("%s failed (%s): %s", part_name(index), reason, exc)
+        return None
+    return receipt_samples(receipt) if isinstance(receipt, dict) else None
 
 
 def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dict]) -> Path:
