@@ -122,9 +122,7 @@ class PartStore:
 
     def _full(self, theirs: dict) -> dict:
         """A receipt's fingerprint with its params (from the folder's fingerprint file when the receipt has none)."""
-        if "params" in theirs or not isinstance(theirs.get("hash"), str):
-            return theirs
-        return _read_json(self.fingerprint_path(theirs["hash"])) or theirs
+        return full_fingerprint(self.out_dir, theirs) or theirs
 
     def committed(self, index: int, verify: bool = True) -> dict | None:
         """The part's receipt if it is committed (receipt valid, file size and sha256 match), else None."""
@@ -271,6 +269,15 @@ def scan_folder(out_dir: Path) -> FolderScan:
     for index in scan.receipts:
         scan.failures.pop(index, None)
     return scan
+
+
+def full_fingerprint(out_dir: Path, receipt_fp: dict) -> dict | None:
+    """The whole fingerprint (with ``params``) that a receipt of ``out_dir`` names; None if it is not kept."""
+    if "params" in receipt_fp:  # receipts of older kdpipes carried it whole
+        return receipt_fp
+    if not isinstance(receipt_fp.get("hash"), str):
+        return None
+    return _read_json(Path(out_dir) / RECEIPTS / f"{FINGERPRINT_PREFIX}{receipt_fp['hash']}.json")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -86,15 +86,19 @@ class Progress:
         total: parts of this task.
         expected_samples: samples of all ``total`` parts when known (the ETA is then samples left / rate; else
             parts left x seconds per part).
-        unit: what a part is called on the line.
+        unit: what a part is called on the line (``steps`` for training).
+        done: parts already done before this task started (a resumed epoch).
+        show: False for a silent tracker (e.g. on the non-main ranks of a DDP job).
     """
 
-    def __init__(self, desc: str, total: int, expected_samples: int | None = None, unit: str = "parts"):
+    def __init__(self, desc: str, total: int, expected_samples: int | None = None, unit: str = "parts",
+                 done: int = 0, show: bool = True):
         self.desc, self.total, self.unit = desc, int(total), unit
         self.expected = expected_samples
-        self.done = self.computed = self.samples = self.in_flight = self.skipped_samples = 0
+        self.computed = self.samples = self.in_flight = self.skipped_samples = 0
+        self.done = int(done)
         self.started = self._last = time.monotonic()
-        self.mode = mode() if total else "off"
+        self.mode = mode() if total and show else "off"
         self.interval = interval()
         self.bar = None
         if self.mode == "bar":
