@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger("kdpipe.progress")
 INTERVAL_ENV = "KDPIPE_PROGRESS_INTERVAL"
@@ -102,9 +103,11 @@ class Progress:
         self.interval = interval()
         self.bar = None
         if self.mode == "bar":
-            self.bar = tqdm(total=self.total, desc=desc, unit="part", file=sys.stderr, leave=True,
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + unit + ", {postfix}")
-            self.bar.set_postfix_str(self.figures().rates(), refresh=False)
+            self.bar = tqdm(total=self.total, initial=self.done, desc=desc, file=sys.stderr, leave=True,
+                            postfix=self.figures().rates(),  # tqdm puts ", " before the postfix
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} " + unit + "{postfix}")
+            self._redirect = logging_redirect_tqdm()  # log lines go above the bar instead of through it
+            self._redirect.__enter__()
 
     def __enter__(self) -> "Progress":
         _current.append(self)
@@ -169,6 +172,7 @@ class Progress:
         self._emit()
         if self.bar is not None:
             self.bar.close()
+            self._redirect.__exit__(None, None, None)
         self.mode = "off"
 
 
