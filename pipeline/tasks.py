@@ -48,7 +48,8 @@ def task_info(task_index: int, num_tasks: int) -> dict:
 
 def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], *,
               max_attempts: int = 3, retry_failed: bool = False, desc: str = "parts",
-              num_parts: int | None = None, part_samples: Callable[[int], int] | None = None) -> TaskReport:
+              num_parts: int | None = None, part_samples: Callable[[int], int] | None = None,
+              done_before: int = 0) -> TaskReport:
     """Commit every part in ``indices`` that is not committed yet.
 
     A pre-timeout signal (``SIGUSR1``, see ``pipeline.signals``) stops the task between parts (or abandons the
@@ -63,6 +64,7 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
         desc: what the progress bar / progress lines call the task (``pipeline.progress``).
         num_parts: the stage's total part count, recorded for ``kdpipe status`` (optional).
         part_samples: the samples of part ``index``, when known before it runs (a better ETA).
+        done_before: parts of the task the caller already found done (not in ``indices``; shown as done).
     """
     if not stop_requested():
         install_stop_handler()
@@ -73,7 +75,7 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
     failures = store.failures()
     indices = list(indices)
     expected = None if part_samples is None else sum(part_samples(i) for i in indices)
-    with Progress(desc, len(indices), expected) as shown:
+    with Progress(desc, len(indices) + done_before, expected, done=done_before) as shown:
         for index in indices:
             check_stop(f"{store.out_dir} before {part_name(index)}")
             if store.committed(index) is not None:

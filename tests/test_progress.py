@@ -116,7 +116,7 @@ def test_on_a_terminal_the_task_draws_a_tqdm_bar_with_parts_samples_rate_and_eta
     assert "kdpipe.progress" not in text  # no log lines on a terminal: the bar is the progress
 
 
-def test_status_of_a_half_done_logits_folder_shows_throughput_and_eta(pool, capsys):
+def test_status_of_a_half_done_logits_folder_shows_throughput_and_eta(pool, capsys, monkeypatch, caplog):
     root, data, cards = pool
     out = root / "half"
     assert compute_logits(data, cards[10], out, topk=3, temperature=1.0, num_workers=0, num_tasks=2) is None
@@ -133,6 +133,10 @@ def test_status_of_a_half_done_logits_folder_shows_throughput_and_eta(pool, caps
     assert main(["status", str(out), "--json"]) == 0
     figures = json.loads(capsys.readouterr().out)[0]["folders"][0]["throughput"]
     assert figures["parts"] == 2 and figures["samples"] == 8 and figures["eta_s"] == round(busy / 2, 1)
+    monkeypatch.setenv(INTERVAL_ENV, "0")
+    with caplog.at_level(logging.INFO, logger="kdpipe.progress"):  # the rest: done parts shown as done
+        compute_logits(data, cards[10], out, topk=3, temperature=1.0, num_workers=0)
+    assert [line[:3] for line in _lines(caplog.text)] == [(2, 3, 4), (3, 3, 4), (3, 3, 4)]
 
 
 def test_throughput_counts_parallel_parts_once_and_pauses_not_at_all():
