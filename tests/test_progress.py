@@ -26,6 +26,7 @@ from pipeline.parts import FINGERPRINT_PREFIX
 from pipeline.progress import INTERVAL_ENV, MODE_ENV, busy_seconds, throughput
 from stages.artifacts.logits_format import read_metadata
 from stages.logits.stage import compute_logits
+from stages.reshard.stage import reshard
 from stages.select.stage import select
 from tests.test_logits_support import jpeg, make_dataset, train_card
 
@@ -161,8 +162,9 @@ def test_a_receipt_has_the_same_size_for_10_and_1000_classes(pool):
     for n, card in cards.items():
         logits = compute_logits(data, card, root / f"c{n}" / "logits", topk=3, temperature=1.0, num_workers=0)
         selection = select(logits, root / f"c{n}" / "select", per_class=1, top_p=3)
-        runs[n] = logits.parent, selection.parent
-    for (l10, s10), (l1000, s1000) in [(runs[10], runs[1000])]:
+        resharded = reshard(selection, root / f"c{n}" / "reshard").manifest
+        runs[n] = logits.parent, selection.parent, resharded.parent
+    for (l10, s10, _), (l1000, s1000, _) in [(runs[10], runs[1000])]:
         pairs = [(l10 / "_parts" / f"part-{i:06d}.json", l1000 / "_parts" / f"part-{i:06d}.json") for i in range(3)]
         pairs.append((s10 / "_map" / "tasks-1" / "_parts" / "part-000000.json",
                       s1000 / "_map" / "tasks-1" / "_parts" / "part-000000.json"))
@@ -172,8 +174,12 @@ def test_a_receipt_has_the_same_size_for_10_and_1000_classes(pool):
         part = l1000 / "part-000000.parquet"
         assert "class_names" not in read_metadata(pq.read_schema(part)) and b"class-0999" not in part.read_bytes()
         assert b"class-0999" not in (s1000 / "part-000000.parquet").read_bytes()
-    for logits, selection in runs.values():  # the names are kept once: the manifest, the folder's fingerprint
+    for logits, selection, resharded in runs.values():  # the names are kept once: the manifest, the fingerprint
         names = mf.load(logits).params["class_names"]
         assert names == mf.load(selection).params["class_names"] == _names(len(names))
+        out = mf.load(resharded)
+        assert len(out.totals["per_class"]) == len(names) and sum(out.totals["per_class"]) == out.totals["samples"]
+        receipt = json.loads((resharded / "_parts" / "part-000000.json").read_text())
+        assert receipt["extra"] == {"failed_labels": {}} and "class-0000" not in json.dumps(receipt)
         (kept,) = (logits / "_parts").glob(f"{FINGERPRINT_PREFIX}*.json")
         assert json.loads(kept.read_text())["params"]["class_names"] == names

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -110,11 +111,10 @@ class _PartWriter:
                 samples = self._samples(rows, spool, failures)
                 order = shuffle_order(len(samples), self.seed, part)
                 write_shard(tmp, (_materialise(samples[i], spool) for i in order))
-            per_class = np.bincount([s[4] for s in samples], minlength=self.num_classes)
             shards = sorted({r["shard"] for r in rows})
             return PartResult(expected_rows=len(samples), failures=failures,
                               input={"source_shards": shards, "selected_rows": len(rows)},
-                              extra={"per_class": per_class.tolist()})
+                              extra={"failed_labels": _failed_labels(rows, samples)})
         return write
 
     def _samples(self, rows: list[dict], spool, failures: dict[str, list[str]]) -> list[tuple]:
@@ -304,12 +304,30 @@ def _finalize(store: PartStore, lineage: Lineage, rows: SelectionRows, plan: _Pl
         if samples + sum(failures.values()) != expected:
             raise IntegrityError(f"{out}: {samples} samples + {sum(failures.values())} failures != {expected} "
                                  "selected rows; delete the folder and rerun")
-        per_class = np.sum([r["extra"]["per_class"] for r in receipts], axis=0).tolist()
+        per_class = _per_class(receipts, rows, len(names))
         totals = {"samples": samples, "failures": failures, "classes": len(names), "selection_rows": expected,
                   "per_class": per_class}
         return mf.build("dataset", stage="reshard", params=manifest_params, inputs=inputs,
                         files=file_entries(receipts, "samples"), totals=totals)
     return finalize(store, len(plan.parts), with_sidecars(out, build))
+
+
+def _failed_labels(rows: list[dict], samples: list[tuple]) -> dict[str, int]:
+    """Selected rows that did not become samples, per label, sparse: a receipt never holds a per-class list."""
+    lost = Counter(int(r["label"]) for r in rows) - Counter(int(s[4]) for s in samples)
+    return {str(label): count for label, count in sorted(lost.items())}
+
+
+def _per_class(receipts: list[dict], rows: SelectionRows, num_classes: int) -> list[int]:
+    """Samples per class: the selection's rows per label minus the failed ones (receipts of older kdpipes
+    carried a dense ``per_class``)."""
+    if all("per_class" in r["extra"] for r in receipts):
+        return np.sum([r["extra"]["per_class"] for r in receipts], axis=0).tolist()
+    counts = rows.label_counts(num_classes)
+    for receipt in receipts:
+        for label, count in receipt["extra"].get("failed_labels", {}).items():
+            counts[int(label)] -= count
+    return counts.tolist()
 
 
 def iter_training_samples(manifest: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

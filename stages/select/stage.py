@@ -22,6 +22,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError, PartFailed
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import Exclusion, load_exclusion
@@ -150,8 +151,10 @@ def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion
     block = plan_block(task_index, num_tasks, logits_set.num_parts)
     write = lambda tmp: map_block(tmp, logits_set, spec, exclusion, block, batch_rows)
     produce = lambda index: maps.commit(index, write, task_info(task_index, num_tasks))
+    views = int((logits_set.params.get("views") or {}).get("count", 1))
+    images = sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block) // views  # for the ETA
     report = run_parts(maps, [task_index], produce, max_attempts=max_attempts, retry_failed=retry_failed,
-                       desc="select map")
+                       desc="select map", part_samples=lambda _: images)
     if report.exit_code:
         raise PartFailed(f"{maps.out_dir}: map task {task_index} failed: {report.failed or report.given_up}")
 
@@ -173,6 +176,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
         for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
             seen, dropped = _offer(acc, scorer, batch, (part << 32) + offset, columns, exclusion, views)
             images, excluded, offset = images + seen, excluded + dropped, offset + batch.num_rows
+            advance(seen)  # images ranked so far: the task's live progress
     table = acc.result()
     per_class = {CANDIDATES_META: json.dumps(scorer.candidates.tolist()).encode()}  # O(classes): not in receipts
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **per_class})
