@@ -74,6 +74,21 @@ def test_off_a_terminal_a_logits_run_logs_parts_samples_rate_and_eta_at_the_inte
     assert [line[:3] for line in _lines(caplog.text)] == [(3, 3, 12)]  # the interval not reached: the end only
 
 
+def test_ingest_with_progress_interval_0_logs_every_image_and_every_part(tmp_path, monkeypatch, caplog):
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    for i in range(10):
+        (tmp_path / "images" / f"img{i:02d}.jpg").write_bytes(jpeg(rng))
+    monkeypatch.setenv(INTERVAL_ENV, "30")  # restored after the test: main() sets it from the flag
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    with caplog.at_level(logging.INFO, logger="kdpipe.progress"):
+        assert main(["--progress-interval", "0", "ingest", str(tmp_path / "images"), "--out", str(tmp_path / "out"),
+                     "--shard-size", "4"]) == 0
+    found = re.findall(r"ingest: (\d+)/3 parts, (\d+) samples, [\d.]+ samples/s, ETA \d+:\d\d:\d\d", caplog.text)
+    assert [(int(d), int(n)) for d, n in found] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 4), (1, 5), (1, 6), (1, 7),
+                                                    (1, 8), (2, 8), (2, 9), (2, 10), (3, 10), (3, 10)]
+
+
 def test_receipts_carry_samples_seconds_and_samples_per_s(pool, monkeypatch):
     root, data, cards = pool
     started = time.time()
