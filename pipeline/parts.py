@@ -155,8 +155,7 @@ class PartStore:
             with staged(final) as tmp:
                 result = write(tmp)
         except OSError as exc:  # ENOSPC, EIO...: name the part; the temp is already removed
-            raise PartFailed(f"{final}: {exc}; nothing was published (free space or fix the disk, then rerun)",
-                             "no_space" if exc.errno == errno.ENOSPC else "os_error") from exc
+            raise _os_failure(final, exc) from exc
         try:
             fault_point("part.written")
             rows = self._validate(index, tmp, result)
@@ -201,7 +200,11 @@ class PartStore:
             publish(tmp, self.part_path(index))
             fault_point("part.published")
             body = json.dumps(receipt, indent=1, sort_keys=True).encode()
-            write_atomic(self.receipt_path(index), body)
+            try:
+                write_atomic(self.receipt_path(index), body)
+            except OSError as exc:  # no receipt, so the part must go too: a part without one does not exist
+                self.part_path(index).unlink(missing_ok=True)
+                raise _os_failure(self.part_path(index), exc) from exc
             fault_point("part.receipt")
             self.failure_path(index).unlink(missing_ok=True)
         return receipt
@@ -239,6 +242,12 @@ class PartStore:
                     if rec is not None and isinstance(rec.get("part"), int):
                         out[rec["part"]] = rec
         return out
+
+
+def _os_failure(final: Path, exc: OSError) -> PartFailed:
+    """The named failure of a part whose file or receipt could not be written (ENOSPC, EIO...)."""
+    return PartFailed(f"{final}: {exc}; nothing was published (free space or fix the disk, then rerun)",
+                      "no_space" if exc.errno == errno.ENOSPC else "os_error")
 
 
 @dataclass
