@@ -30,6 +30,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.artifacts.lineage import Lineage, resolve_lineage
 from stages.artifacts.selection import TARGET_COLUMNS, SelectionRows
@@ -125,6 +126,7 @@ class _PartWriter:
             partners = {v["partner"] for rows in views.values() for v in rows if v["partner"] is not None}
             images = self._spool_shard(shard, {r["key"] for r in group} | partners, spool)
             targets = self._targets(shard, group)
+            advance(len(group))  # the task's live progress: this source shard's selected rows
             for row in group:
                 out_key = sample_key(row["key"], row["label"], row["dup"])
                 reason = _row_problem(row["key"], out_key, images, targets, seen)
@@ -267,7 +269,7 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
     report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard",
-                       num_parts=len(plan.parts))
+                       num_parts=len(plan.parts), part_samples=lambda index: plan.part_rows[index])
     done = finalize_only or (do_finalize and all(store.committed(i, verify=False) is not None
                                                  for i in range(len(plan.parts))))
     manifest = _finalize(store, lineage, rows, plan, params, out) if done else None
