@@ -28,7 +28,10 @@ from stages.artifacts.logits_format import read_metadata
 from stages.logits.stage import compute_logits
 from stages.reshard.stage import reshard
 from stages.select.stage import select
+from stages.train.config import TrainConfig
+from stages.train.loop import train
 from tests.test_logits_support import jpeg, make_dataset, train_card
+from tests.test_train_data import digits
 
 REPO = Path(__file__).resolve().parents[1]
 KDPIPE = [sys.executable, "-m", "pipeline"]
@@ -198,3 +201,17 @@ def test_a_receipt_has_the_same_size_for_10_and_1000_classes(pool):
         assert receipt["extra"] == {"failed_labels": {}} and "class-0000" not in json.dumps(receipt)
         (kept,) = (logits / "_parts").glob(f"{FINGERPRINT_PREFIX}*.json")
         assert json.loads(kept.read_text())["params"]["class_names"] == names
+
+
+def test_training_logs_steps_samples_rate_and_eta_per_epoch(tmp_path, monkeypatch, caplog):
+    made = digits(tmp_path / "digits", split="labeled=10/class", shard_size=50)
+    monkeypatch.setenv(INTERVAL_ENV, "3600")
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    config = TrainConfig(epochs=2, batch_size=16, lr=0.05, checkpoint_every=0, threads=1)
+    with caplog.at_level(logging.INFO, logger="kdpipe.progress"):
+        train([made["labeled"]], tmp_path / "model", config)
+    found = re.findall(r"train epoch (\d): (\d+)/(\d+) steps, (\d+) samples, [\d.]+ samples/s, ETA 0:00:00",
+                       caplog.text)
+    steps = int(found[0][2])
+    assert [(int(e), int(d)) for e, d, _, _ in found] == [(0, steps), (1, steps)] and steps >= 6
+    assert all(int(n) == steps * 16 for *_, n in found)  # every step a full batch of 16
