@@ -153,6 +153,7 @@ def test_status_of_a_half_done_logits_folder_shows_throughput_and_eta(pool, caps
     figures = json.loads(capsys.readouterr().out)[0]["folders"][0]["throughput"]
     assert figures["parts"] == 2 and figures["samples"] == 8 and figures["eta_s"] == round(busy / 2, 1)
     monkeypatch.setenv(INTERVAL_ENV, "0")
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="kdpipe.progress"):  # the rest: done parts shown as done
         compute_logits(data, cards[10], out, topk=3, temperature=1.0, num_workers=0)
     assert [line[:3] for line in _lines(caplog.text)] == [(2, 3, 4), (3, 3, 4), (3, 3, 4)]
