@@ -74,23 +74,32 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
     report = TaskReport()
     failures = store.failures()
     indices = list(indices)
-    expected = None if part_samples is None else sum(part_samples(i) for i in indices)
+    samples_of = part_samples or (lambda _index: 0)
+    expected = None if part_samples is None else sum(map(part_samples, indices))
     with Progress(desc, len(indices) + done_before, expected, done=done_before) as shown:
         for index in indices:
             check_stop(f"{store.out_dir} before {part_name(index)}")
-            if store.committed(index) is not None:
-                report.skipped.append(index)
-                shown.skip(part_samples(index) if part_samples else 0)
-            elif not retry_failed and failures.get(index, {}).get("attempts", 0) >= max_attempts:
-                log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
-                          part_name(index), failures[index]["attempts"], failures[index].get("message"))
-                report.given_up.append(index)
-                shown.skip(part_samples(index) if part_samples else 0)
+            if _done_or_given_up(store, index, failures.get(index, {}), max_attempts, retry_failed, report):
+                shown.skip(samples_of(index))
             else:
                 shown.part_done(_attempt(store, index, produce, report))
     log.info("%s: %d committed, %d already done, %d failed, %d given up", store.out_dir,
              len(report.committed), len(report.skipped), len(report.failed), len(report.given_up))
     return report
+
+
+def _done_or_given_up(store: PartStore, index: int, failure: dict, max_attempts: int, retry_failed: bool,
+                      report: TaskReport) -> bool:
+    """True (and recorded in ``report``) for a part already committed, or given up after ``max_attempts``."""
+    if store.committed(index) is not None:
+        report.skipped.append(index)
+        return True
+    if not retry_failed and failure.get("attempts", 0) >= max_attempts:
+        log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
+                  part_name(index), failure["attempts"], failure.get("message"))
+        report.given_up.append(index)
+        return True
+    return False
 
 
 def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], report: TaskReport) -> int | None:
