@@ -39,6 +39,7 @@ from PIL import Image
 from pipeline import manifest as mf
 from pipeline.errors import PartFailed
 from pipeline.hashing import sha256_file
+from pipeline.parts import full_fingerprint
 from stages.artifacts.checks import CHECKS
 from stages.logits.stage import compute_logits
 from stages.shardio import count_samples
@@ -186,8 +187,8 @@ def test_damaged_tars_fail_their_part_with_path_and_reason_while_the_others_comm
 
 def test_committed_parts_of_the_corpus_pass_the_content_checks_of_kdpipe_verify(corpus):
     out, _, _ = corpus
-    manifest = mf.Manifest(out / "x.json", {"params": json.loads((out / "_parts" / "part-000000.json").read_text())
-                                            ["fingerprint"]["params"]})
+    receipt = json.loads((out / "_parts" / "part-000000.json").read_text())
+    manifest = mf.Manifest(out / "x.json", {"params": full_fingerprint(out, receipt["fingerprint"])["params"]})
     for index in range(3):
         name = f"part-{index:06d}.parquet"
         assert CHECKS["logits"](manifest, {"path": name}, out / name) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline import __version__
@@ -33,6 +34,7 @@ from pipeline.cli.commands import (
 )
 from pipeline.errors import KdpipeError
 from pipeline.log import setup_logging
+from pipeline.progress import INTERVAL_ENV
 
 log = logging.getLogger("kdpipe")
 COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and billion-scale semi-supervised learning.")
     parser.add_argument("--version", action="version", version=f"kdpipe {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--progress-interval", type=float, metavar="S", help="seconds between progress lines "
+                        f"when stderr is not a terminal (default: ${INTERVAL_ENV} or 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if args.progress_interval is not None:  # through the environment, so that child processes follow it
+        os.environ[INTERVAL_ENV] = str(args.progress_interval)
     try:
         return int(args.func(args) or 0)
     except KdpipeError as exc:

@@ -21,6 +21,7 @@ from pipeline.atomic import publish, staged
 from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.imaging import sniff_extension
 from stages.ingest.options import IngestOptions
@@ -131,6 +132,7 @@ def _write_part(items: list[Item]):
                 reason = str(exc).split(":", 1)[0]
                 failures.setdefault(reason, []).append(item.origin)
                 log.warning("skipped %s: %s", item.origin, exc)
+            advance(1)  # the task's live progress
         write_shard(tmp, iter(samples))
         return PartResult(expected_rows=len(samples), failures=failures,
                           input={"items": len(items), "first": items[0].origin if items else None})
@@ -184,7 +186,7 @@ def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict,
     produce = lambda index: store.commit(index, _write_part([items[j] for j in shards[index]]),
                                          task_info(task_index, num_tasks))
     report: TaskReport = run_parts(store, plan_block(task_index, num_tasks, len(shards)), produce, desc="ingest",
-                                   num_parts=len(shards))
+                                   num_parts=len(shards), part_samples=lambda index: len(shards[index]))
     if report.exit_code:
         raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(len(shards))):

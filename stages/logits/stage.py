@@ -260,7 +260,8 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
     feed = PartFeed(loader, workers, todo)
     produce = lambda index: store.commit(index, _part_writer(setup, engine, feed, index), task)
     report = run_parts(store, todo, produce, max_attempts=max_attempts, retry_failed=True, desc="logits",
-                       num_parts=len(setup.data.files))
+                       num_parts=len(setup.data.files), part_samples=lambda i: int(setup.data.files[i]["samples"]),
+                       done_before=len(block) - len(todo))
     report.given_up += given_up
     return report
 
@@ -302,7 +303,7 @@ def _part_writer(setup: Setup, engine: Engine, feed: PartFeed, index: int):
             raise IntegrityError(f"{entry['path']}: {rows} rows ({setup.views} per image) + "
                                  f"{accounted - images} failures != {entry['samples']} samples in "
                                  f"{setup.data.path}; nothing was published")
-        return PartResult(expected_rows=rows, failures=failures,
+        return PartResult(expected_rows=rows, failures=failures, samples=int(entry["samples"]),
                           input={"shard": index, "path": entry["path"], "sha256": entry["sha256"],
                                  "samples": entry["samples"]})
     return write

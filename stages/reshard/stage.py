@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +30,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.artifacts.lineage import Lineage, resolve_lineage
 from stages.artifacts.selection import TARGET_COLUMNS, SelectionRows
@@ -110,11 +112,10 @@ class _PartWriter:
                 samples = self._samples(rows, spool, failures)
                 order = shuffle_order(len(samples), self.seed, part)
                 write_shard(tmp, (_materialise(samples[i], spool) for i in order))
-            per_class = np.bincount([s[4] for s in samples], minlength=self.num_classes)
             shards = sorted({r["shard"] for r in rows})
             return PartResult(expected_rows=len(samples), failures=failures,
                               input={"source_shards": shards, "selected_rows": len(rows)},
-                              extra={"per_class": per_class.tolist()})
+                              extra={"failed_labels": _failed_labels(rows, samples)})
         return write
 
     def _samples(self, rows: list[dict], spool, failures: dict[str, list[str]]) -> list[tuple]:
@@ -125,6 +126,7 @@ class _PartWriter:
             partners = {v["partner"] for rows in views.values() for v in rows if v["partner"] is not None}
             images = self._spool_shard(shard, {r["key"] for r in group} | partners, spool)
             targets = self._targets(shard, group)
+            advance(len(group))  # the task's live progress: this source shard's selected rows
             for row in group:
                 out_key = sample_key(row["key"], row["label"], row["dup"])
                 reason = _row_problem(row["key"], out_key, images, targets, seen)
@@ -267,7 +269,7 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
     report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard",
-                       num_parts=len(plan.parts))
+                       num_parts=len(plan.parts), part_samples=lambda index: plan.part_rows[index])
     done = finalize_only or (do_finalize and all(store.committed(i, verify=False) is not None
                                                  for i in range(len(plan.parts))))
     manifest = _finalize(store, lineage, rows, plan, params, out) if done else None
@@ -304,12 +306,30 @@ def _finalize(store: PartStore, lineage: Lineage, rows: SelectionRows, plan: _Pl
         if samples + sum(failures.values()) != expected:
             raise IntegrityError(f"{out}: {samples} samples + {sum(failures.values())} failures != {expected} "
                                  "selected rows; delete the folder and rerun")
-        per_class = np.sum([r["extra"]["per_class"] for r in receipts], axis=0).tolist()
+        per_class = _per_class(receipts, rows, len(names))
         totals = {"samples": samples, "failures": failures, "classes": len(names), "selection_rows": expected,
                   "per_class": per_class}
         return mf.build("dataset", stage="reshard", params=manifest_params, inputs=inputs,
                         files=file_entries(receipts, "samples"), totals=totals)
     return finalize(store, len(plan.parts), with_sidecars(out, build))
+
+
+def _failed_labels(rows: list[dict], samples: list[tuple]) -> dict[str, int]:
+    """Selected rows that did not become samples, per label, sparse: a receipt never holds a per-class list."""
+    lost = Counter(int(r["label"]) for r in rows) - Counter(int(s[4]) for s in samples)
+    return {str(label): count for label, count in sorted(lost.items())}
+
+
+def _per_class(receipts: list[dict], rows: SelectionRows, num_classes: int) -> list[int]:
+    """Samples per class: the selection's rows per label minus the failed ones (receipts of older kdpipes
+    carried a dense ``per_class``)."""
+    if all("per_class" in r["extra"] for r in receipts):
+        return np.sum([r["extra"]["per_class"] for r in receipts], axis=0).tolist()
+    counts = rows.label_counts(num_classes)
+    for receipt in receipts:
+        for label, count in receipt["extra"].get("failed_labels", {}).items():
+            counts[int(label)] -= count
+    return counts.tolist()
 
 
 def iter_training_samples(manifest: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

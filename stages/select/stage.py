@@ -10,6 +10,7 @@ Memory is O(classes x K) plus one read batch in both steps; the output is the sa
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError, PartFailed
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import Exclusion, load_exclusion
@@ -39,6 +41,7 @@ from stages.select.topk import ClassTopK
 log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
+CANDIDATES_META = b"kdpipe_candidates"  # a map part's candidates per class (file metadata, not the receipt)
 ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse", LSE1)
 
@@ -148,8 +151,10 @@ def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion
     block = plan_block(task_index, num_tasks, logits_set.num_parts)
     write = lambda tmp: map_block(tmp, logits_set, spec, exclusion, block, batch_rows)
     produce = lambda index: maps.commit(index, write, task_info(task_index, num_tasks))
+    views = int((logits_set.params.get("views") or {}).get("count", 1))
+    images = sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block) // views  # for the ETA
     report = run_parts(maps, [task_index], produce, max_attempts=max_attempts, retry_failed=retry_failed,
-                       desc="select map")
+                       desc="select map", part_samples=lambda _: images)
     if report.exit_code:
         raise PartFailed(f"{maps.out_dir}: map task {task_index} failed: {report.failed or report.given_up}")
 
@@ -171,13 +176,15 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
         for batch in logits_set.iter_batches(columns=read, batch_rows=batch_rows, parts=[part]):
             seen, dropped = _offer(acc, scorer, batch, (part << 32) + offset, columns, exclusion, views)
             images, excluded, offset = images + seen, excluded + dropped, offset + batch.num_rows
+            advance(seen)  # images ranked so far: the task's live progress
     table = acc.result()
+    per_class = {CANDIDATES_META: json.dumps(scorer.candidates.tolist()).encode()}  # O(classes): not in receipts
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **per_class})
     write_parquet(table, tmp, compression="snappy")  # an intermediate: fast to write and read back
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
              block.start, block.stop - 1, table.num_rows, acc.compactions)
-    extra = {"images": images, "excluded": excluded, "candidates": scorer.candidates.tolist()}
     return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
-                      extra=extra)
+                      extra={"images": images, "excluded": excluded}, samples=images)
 
 
 def _offer(acc: ClassTopK, scorer: Scorer, batch: pa.RecordBatch, first_id: int, columns: list[str],
@@ -204,12 +211,12 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     receipts = [maps.committed(i) for i in range(num_tasks)]
     if any(r is None for r in receipts):
         raise ManifestError(f"{maps.out_dir}: a map part changed or vanished since it was committed; rerun")
-    totals = _map_totals(receipts)
+    totals = _map_totals(maps, receipts)
     write = lambda tmp: _reduce_write(tmp, maps, spec, params, num_tasks, batch_rows, totals)
     report = run_parts(store, [0], lambda index: store.commit(index, write), desc="select reduce")
     if report.exit_code:
         raise PartFailed(f"{out}: the reduce failed: {report.failed or report.given_up}")
-    stats = store.committed(0, verify=False)["extra"]
+    stats = {**store.committed(0, verify=False)["extra"], "candidates": totals["candidates"]}
     inputs = [mf.input_ref(logits_set.manifest, out, "logits")]
     if exclusion:
         inputs.append(mf.input_ref(exclusion.manifest, out, "exclude"))
@@ -223,10 +230,18 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     return path
 
 
-def _map_totals(receipts: list[dict]) -> dict:
-    candidates = np.sum([r["extra"]["candidates"] for r in receipts], axis=0).astype(np.int64)
+def _map_totals(maps: PartStore, receipts: list[dict]) -> dict:
+    """Images and exclusions summed over the map receipts; candidates per class summed over the map parts."""
+    candidates = np.sum([_map_candidates(maps, i, r) for i, r in enumerate(receipts)], axis=0).astype(np.int64)
     return {"images": sum(r["extra"]["images"] for r in receipts),
             "excluded": sum(r["extra"]["excluded"] for r in receipts), "candidates": candidates.tolist()}
+
+
+def _map_candidates(maps: PartStore, index: int, receipt: dict) -> list[int]:
+    """A map part's candidates per class: in its file metadata (receipts of older kdpipes carried them)."""
+    if "candidates" in receipt["extra"]:
+        return receipt["extra"]["candidates"]
+    return json.loads(pq.read_schema(maps.part_path(index)).metadata[CANDIDATES_META])
 
 
 def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, num_tasks: int, batch_rows: int,
@@ -240,7 +255,9 @@ def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, nu
     _, per_image = np.unique(top.column(ROW_ID).to_numpy(), return_counts=True)
     images = {"unique_images": len(per_image), "multi_label_images": int((per_image > 1).sum()),
               "max_labels_per_image": int(per_image.max()) if len(per_image) else 0}
-    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra={**totals, **images})
+    counts = {k: totals[k] for k in ("images", "excluded")}  # candidates per class stay out of the receipt
+    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra={**counts, **images},
+                      samples=totals["images"])
 
 
 def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: int) -> pa.Table:
