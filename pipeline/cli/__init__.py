@@ -31,7 +31,7 @@ from pipeline.cli.commands import (
     train,
     verify,
 )
-from pipeline.errors import KdpipeError
+from pipeline.errors import KdpipeError, named_os_error
 from pipeline.log import setup_logging
 
 log = logging.getLogger("kdpipe")
@@ -60,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KdpipeError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # read-only, no permission, no space, symlink loop: named, rc 2 (never a traceback)
+        named = named_os_error(exc)
+        if named is None:
+            raise
+        log.error("%s", named)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

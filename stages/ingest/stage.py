@@ -186,7 +186,9 @@ def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict,
     report: TaskReport = run_parts(store, plan_block(task_index, num_tasks, len(shards)), produce, desc="ingest",
                                    num_parts=len(shards))
     if report.exit_code:
-        raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
+        first = next(iter(report.failed.values()), "given up after repeated failures")
+        raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed, first: {first}; "
+                         "see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(len(shards))):
         return None
     names = source.class_names if source.labeled and not hide else []
