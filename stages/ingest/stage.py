@@ -197,8 +197,20 @@ def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict,
     build = lambda receipts: mf.build(
         "dataset", stage="ingest", params=manifest_params, files=file_entries(receipts, "samples"),
         totals={"samples": sum(r["rows"] for r in receipts), "failures": failure_totals(receipts),
-                "classes": len(names)})
+                "classes": len(names), **skipped_totals(source)})
     return finalize(store, len(shards), build)
+
+
+def skipped_totals(source: Source) -> dict:
+    """``{"skipped": {reason: count}}`` for source entries never read (FIFO, socket, device, broken link);
+    empty when there are none, so that manifests of ordinary sources are unchanged."""
+    if not source.skipped:
+        return {}
+    for reason, paths in sorted(source.skipped.items()):
+        log.warning("skipped %d source entr%s that %s not a regular file (%s): %s", len(paths),
+                    "y" if len(paths) == 1 else "ies", "is" if len(paths) == 1 else "are", reason,
+                    ", ".join(paths[:5]))
+    return {"skipped": {reason: len(paths) for reason, paths in sorted(source.skipped.items())}}
 
 
 def _write_hidden_labels(path: Path, items: list[Item]) -> None:
