@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import manifest as mf
@@ -88,7 +89,7 @@ def _items_for(old: mf.Manifest, source, src: str) -> tuple[list[Item], list[str
     """The source's items (labels dropped over an unlabeled base) and the grown set's class names."""
     names = list(old.params.get("class_names") or [])
     if not old.params.get("labeled"):
-        return [Item(i.key, i.origin, i.size, i.read, None) for i in source.items], []
+        return [replace(i, label=None) for i in source.items], []
     if not source.labeled or list(source.class_names) != names:
         raise InputError(f"{src}: the base {old.path} is labeled with classes {names[:5]}..., but this source "
                          f"has {list(source.class_names)[:5] if source.labeled else 'no labels'}; grow a labeled "

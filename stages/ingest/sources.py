@@ -39,6 +39,7 @@ class Item:
     size: int
     read: Callable[[], bytes]
     label: int | None = None
+    mtime_ns: int | None = None  # at discovery; None for bundled items (their bytes are compared instead)
 
 
 @dataclass
@@ -123,10 +124,11 @@ def read_regular(path: Path) -> bytes:
 def _file_item(root: Path, path: Path, label: int | None) -> Item:
     relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        size, mtime = info.st_size, info.st_mtime_ns
     except OSError:
-        size = 0
-    return Item(make_key(relative), str(path), size, lambda: read_regular(path), label)
+        size, mtime = 0, None
+    return Item(make_key(relative), str(path), size, lambda: read_regular(path), label, mtime)
 
 
 def _labeled_folder(root: Path, subdirs: list[Path], skipped: dict[str, list[str]]) -> Source:
