@@ -21,7 +21,7 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.atomic import write_atomic
+from pipeline.atomic import remove_stale_temps, write_atomic
 from pipeline.errors import InputError
 from pipeline.parts import PartStore, part_name
 from stages.ingest.sources import Item
@@ -54,7 +54,8 @@ def write_listing(out_dir: Path, index: int, rows: list[list]) -> dict:
 
 def check_drift(store: PartStore, items: list[Item], shards: list[range], indices: list[int], src: str) -> None:
     """Refuse (``InputError`` naming the files) a rerun whose source differs from what committed parts read;
-    record the source's plan when no part is committed yet."""
+    record the source's plan when no part is committed yet. Temps of killed writers in ``_source`` are removed."""
+    remove_stale_temps(Path(store.out_dir) / SOURCE_DIR)
     receipts = store.receipts()
     if any(r.get("fingerprint", {}).get("hash") != store.fp["hash"] for r in receipts.values()):
         return  # parts of other parameters: the part store refuses the folder, naming the difference
