@@ -170,3 +170,20 @@ def test_verify_names_a_key_twice_in_one_shard(clean, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         assert main(["verify", str(out)]) == 1
     assert "key(s) 'img03' appear twice in this shard" in caplog.text
+
+
+def test_a_grown_dataset_rerun_over_a_changed_new_source_is_refused(clean, tmp_path, caplog):
+    src = _source(tmp_path / "new")
+    for name in NAMES:  # other keys than the base's
+        (src / name).rename(src / f"n{name}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KDPIPE_FAULT": "part.receipt:6"}  # 4 base links, 2 new parts
+    code = "import sys; from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["ingest", str(src), "--out", str(tmp_path / "grown"), "--shard-size", "3", "--base", str(clean)]
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    (src / "nimg00.png").unlink()
+    with caplog.at_level(logging.ERROR):
+        assert main(argv) == 2
+    assert "removed: " + str(src / "nimg00.png") in caplog.records[-1].getMessage()
+    (src / "nimg00.png").write_bytes(_png(0))
+    assert main(argv) == 0 and len(mf.load(tmp_path / "grown").files) == 8

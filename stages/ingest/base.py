@@ -24,6 +24,7 @@ from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import failure_totals, file_entries, finalize, run_parts, task_info
+from stages.ingest.drift import check_drift
 from stages.ingest.options import IngestOptions
 from stages.ingest.sources import Item, discover
 from stages.ingest.stage import CODE_VERSION, _write_part, plan_shards
@@ -74,10 +75,11 @@ def ingest_grown(src: str, out: Path, base: str | Path, *, shard_size: int = Ing
         if index < len(old.files):
             return store.commit(index, _link_base_shard(old, index, new_keys), task_info(task_index, num_tasks))
         chosen = [items[j] for j in new_shards[index - len(old.files)]]
-        return store.commit(index, _write_part(chosen), task_info(task_index, num_tasks))
+        return store.commit(index, _write_part(chosen, out, index), task_info(task_index, num_tasks))
 
-    report = run_parts(store, plan_block(task_index, num_tasks, total), produce, desc="ingest (grow)",
-                       num_parts=total)
+    block = list(plan_block(task_index, num_tasks, total))
+    check_drift(store, items, [range(0)] * len(old.files) + new_shards, block, src)  # base parts: no listing
+    report = run_parts(store, block, produce, desc="ingest (grow)", num_parts=total)
     if report.exit_code:
         raise InputError(f"{out}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(total)):
