@@ -44,8 +44,10 @@ class OutputError(KdpipeError):
 
 _OS_ADVICE = {
     errno.EROFS: "the filesystem is read-only: give --out a folder on a writable filesystem",
-    errno.EACCES: "permission denied: give --out a folder you can write to, or fix its permissions",
-    errno.EPERM: "operation not permitted: give --out a folder you can write to, or fix its permissions",
+    errno.EACCES: "permission denied: fix the permissions of this file or folder (for an output: give --out a "
+                  "folder you can write to)",
+    errno.EPERM: "operation not permitted: fix the permissions of this file or folder (for an output: give --out a "
+                 "folder you can write to)",
     errno.ENOSPC: "no space left on the device: free space (or give --out another disk), then rerun; "
                   "nothing half-written was published and committed parts are kept",
     errno.EDQUOT: "disk quota exceeded: free space or raise the quota, then rerun; nothing half-written was "
