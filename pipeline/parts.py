@@ -26,7 +26,7 @@ from typing import Callable
 
 from pipeline import __version__
 from pipeline.atomic import publish, remove_stale_temps, staged, write_atomic
-from pipeline.errors import FingerprintMismatch, IntegrityError, PartFailed
+from pipeline.errors import STOP_TASK_ERRNOS, FingerprintMismatch, IntegrityError, PartFailed, named_os_error
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.signals import critical, fault_point
 
@@ -87,7 +87,10 @@ class PartStore:
 
     def prepare(self) -> None:
         """Create the folders, refuse a foreign fingerprint, remove temps of dead writers."""
-        self.receipts_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.receipts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # read-only filesystem, no permission: named before any work (rc 2)
+            raise (named_os_error(exc) or exc) from None
         self.check_fingerprint()
         self._record_fingerprint()
         removed = remove_stale_temps(self.out_dir) + remove_stale_temps(self.receipts_dir)
@@ -155,6 +158,7 @@ class PartStore:
             with staged(final) as tmp:
                 result = write(tmp)
         except OSError as exc:  # ENOSPC, EIO...: name the part; the temp is already removed
+            _stop_on_unwritable(exc, final)
             raise _os_failure(final, exc) from exc
         try:
             fault_point("part.written")
@@ -248,6 +252,13 @@ def _os_failure(final: Path, exc: OSError) -> PartFailed:
     """The named failure of a part whose file or receipt could not be written (ENOSPC, EIO...)."""
     return PartFailed(f"{final}: {exc}; nothing was published (free space or fix the disk, then rerun)",
                       "no_space" if exc.errno == errno.ENOSPC else "os_error")
+
+
+def _stop_on_unwritable(exc: OSError, final: Path) -> None:
+    """Raise a named ``OutputError`` (which stops the task) when the output folder itself cannot be written
+    (read-only, no permission): every later part would fail the same way. Errors of inputs go on as a part's."""
+    if exc.errno in STOP_TASK_ERRNOS and exc.filename and final.parent in (Path(exc.filename), Path(exc.filename).parent):
+        raise named_os_error(exc, final) from None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from pipeline.errors import PathEscapeError
+from pipeline.errors import ManifestError, PathEscapeError
 
 ALLOWED_URL_SCHEMES = ("http", "https", "s3", "gs", "gcs", "az", "abfs", "hf")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -47,7 +47,11 @@ def resolve_entry(base: Path, entry: str, where: str = "manifest") -> Path | str
     if is_url(entry):
         return entry
     root = base.resolve()
-    target = (base / entry).resolve()
+    try:
+        target = (base / entry).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13, ELOOP after
+        raise ManifestError(f"{where}: file path {entry!r} cannot be resolved ({exc}); it is a symlink loop or "
+                            "an unreadable link: replace it with the file the manifest lists") from None
     if target != root and root not in target.parents:
         raise PathEscapeError(f"{where}: file path {entry!r} resolves to {target}, outside {root} "
                               "(a symlink leaves the manifest's folder)")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pipeline import manifest as mf
-from pipeline.errors import KdpipeError, ManifestError, PartFailed
+from pipeline.errors import KdpipeError, ManifestError, OutputError, PartFailed
 from pipeline.parts import PartStore, part_name
 from pipeline.progress import Progress, receipt_samples
 from pipeline.signals import check_stop, install_stop_handler, stop_requested
@@ -107,6 +107,8 @@ def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], repor
     try:
         receipt = produce(index)
         report.committed.append(index)
+    except OutputError:  # the output folder cannot be written at all: stop the task, named (rc 2)
+        raise
     except (PartFailed, KdpipeError, OSError) as exc:
         reason = getattr(exc, "reason", type(exc).__name__)
         store.record_failure(index, reason, str(exc))

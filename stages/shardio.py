@@ -18,6 +18,7 @@ import hashlib
 import io
 import re
 import tarfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -27,7 +28,6 @@ from stages.imaging import SampleError
 
 _TAR_USER = "bigdata"  # webdataset's TarWriter defaults: the bytes of a written shard match its output
 _TAR_MODE = 0o444
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-/]*$")
 
 
 class _HashingReader(io.RawIOBase):
@@ -70,6 +70,21 @@ class ShardStats:
         return sum(len(v) for v in self.failures.values())
 
 
+def key_char_ok(char: str) -> bool:
+    """A character a key may hold (besides ``/``): ASCII letters, digits, ``_`` and ``-``, or a non-ASCII letter,
+    digit or combining mark (Unicode categories L, N, M). Never a dot (webdataset splits the extension at the first
+    dot), a space, punctuation, a symbol, a control or format character, or an undecodable byte (a surrogate)."""
+    if char.isascii():
+        return char.isalnum() or char in "_-"
+    return unicodedata.category(char)[0] in "LNM"
+
+
+def is_safe_key(key: str) -> bool:
+    """True for a key that no reader can turn into a path outside its folder: key characters and ``/``, not
+    starting with ``/`` (so no ``..``, no absolute path, no NUL)."""
+    return bool(key) and key[0] != "/" and all(c == "/" or key_char_ok(c) for c in key)
+
+
 def split_member(name: str) -> tuple[str, str] | None:
     """webdataset's key/extension rule: the key is the path up to the first dot of the basename."""
     match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", name)
@@ -109,7 +124,7 @@ def _group(members: Iterator[dict], stats: ShardStats) -> Iterator[tuple[str, di
 def _emit(key: str, fields: dict, seen: set, stats: ShardStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     if key in seen:
         stats.fail("duplicate_key", key)
-    elif not _SAFE_KEY.match(key) or ".." in key.split("/"):
+    elif not is_safe_key(key):
         stats.fail("unsafe_key", key)
     else:
         seen.add(key)

@@ -12,7 +12,8 @@ shard 1, names: ``img.v2.jpg`` has key ``img`` and extension ``v2.jpg`` (webdata
 image extension: ``missing_image``; a sample with only ``cls``: ``missing_image``; a key repeated non-adjacently:
 ``duplicate_key`` (the first one is the row); the same member twice in a row: one sample (the later bytes);
 ``../`` and leading-``/`` names: ``unsafe_key`` (no path is ever built from them); a name without a dot:
-``bad_member_name``; a non-UTF-8 name: ``unsafe_key`` (keys are ASCII letters, digits, ``_-/``); a 300-character
+``bad_member_name``; a non-UTF-8 name: ``unsafe_key`` (keys are letters, digits and marks of any script, ``_-/``:
+``stages.shardio.key_char_ok``); a 300-character
 key and a nested ``dir/ok`` key: rows; symlink and
 directory members: ignored (not samples).
 
@@ -87,7 +88,7 @@ def _image_cases() -> dict[str, tuple[bytes, str]]:
     }
 
 
-NON_UTF8 = "caf\udce9.jpg".encode("utf-8", "surrogateescape").decode("latin-1")
+NON_UTF8 = "caf\udce9.jpg"  # written as the bytes b"caf\xe9.jpg", not UTF-8: tarfile reads back a surrogate
 LONG = "k" * 300
 
 

@@ -32,7 +32,7 @@ from pipeline.cli.commands import (
     train,
     verify,
 )
-from pipeline.errors import KdpipeError
+from pipeline.errors import KdpipeError, named_os_error
 from pipeline.log import setup_logging
 from pipeline.progress import INTERVAL_ENV
 
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KdpipeError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # read-only, no permission, no space, symlink loop: named, rc 2 (never a traceback)
+        named = named_os_error(exc)
+        if named is None:
+            raise
+        log.error("%s", named)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")
