@@ -31,3 +31,7 @@ class PartFailed(KdpipeError):
     def __init__(self, message: str, reason: str = "part_failed"):
         super().__init__(message)
         self.reason = reason
+
+
+class StorageError(InputError):
+    """A location cannot be used: a refused scheme (``pipe:``), a missing fsspec backend, or an unreadable object."""
