@@ -24,7 +24,7 @@ from pipeline import __version__
 from pipeline.atomic import write_atomic
 from pipeline.errors import ManifestError
 from pipeline.hashing import canonical_json, sha256_json
-from pipeline.paths import check_entry, resolve_entry
+from pipeline.paths import check_file, resolve_file
 
 MANIFEST_NAME = "manifest.json"
 _ID_FIELDS = ("kind", "schema_version", "params", "files", "totals")
@@ -81,7 +81,7 @@ def build(kind: str, *, stage: str, params: dict, files: list[dict], totals: dic
           inputs: list[dict] | None = None, config_hash: str | None = None) -> dict:
     """Return a complete manifest dict (with its content id) for ``kind``."""
     for entry in files:
-        check_entry(entry["path"], f"new {kind} manifest")
+        check_file(entry, kind, stage, f"new {kind} manifest")
     data: dict[str, Any] = {
         "kind": kind,
         "schema_version": schema_version_of(kind),
@@ -141,8 +141,13 @@ class Manifest:
     folder = property(lambda self: self.path.parent)
 
     def file_path(self, entry: dict) -> Path | str:
-        """Local path (checked to stay in the folder) or URL of one file entry."""
-        return resolve_entry(self.folder, entry["path"], str(self.path))
+        """Local path (checked to stay in the folder, unless the entry is external) or URL of one file entry."""
+        return resolve_file(self.folder, entry, str(self.path))
+
+    @staticmethod
+    def is_external(entry: dict) -> bool:
+        """True for an entry ``kdpipe index`` made: a shard where it already lives, re-hashed by every reader."""
+        return bool(entry.get("external"))
 
     def input_ids(self, kind: str | None = None) -> list[str]:
         """Ids of the inputs, optionally of one kind."""
@@ -172,6 +177,7 @@ def load(path: str | Path, kind: str | None = None) -> Manifest:
         raise ManifestError(f"{path}: field 'id' does not match the manifest's content (edited or corrupted)")
     manifest = Manifest(path, data)
     for entry in data["files"]:
+        check_file(entry, data["kind"], data["producer"].get("stage"), str(path))
         manifest.file_path(entry)
     return manifest
 
