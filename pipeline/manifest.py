@@ -62,10 +62,22 @@ def _schema_for(kind: str) -> dict:
 
 
 def content_id(data: dict) -> str:
-    """sha256 of the canonical JSON of the manifest's content: kind, version, params, files, totals, input ids."""
+    """sha256 of the canonical JSON of the manifest's content: kind, version, params, files, totals, input ids.
+
+    An external entry (``kdpipe index``) counts by its bytes, sha256 and counts, not its location: the same
+    pool on a disk and in a bucket has one id (every reader re-hashes what the location serves)."""
     body = {key: data.get(key) for key in _ID_FIELDS}
+    if isinstance(body["files"], list):  # an external shard is its bytes, wherever it lives (disk, bucket, URL)
+        body["files"] = [_identity(entry) for entry in body["files"]]
     body["inputs"] = [{"kind": i["kind"], "id": i["id"], "role": i.get("role")} for i in data.get("inputs", [])]
     return sha256_json(body)
+
+
+def _identity(entry: Any) -> Any:
+    """What of a file entry is content: all of it, except the location of an external entry."""
+    if isinstance(entry, dict) and entry.get("external") is True:
+        return {k: v for k, v in entry.items() if k != "path"}
+    return entry
 
 
 def input_ref(manifest: "Manifest", out_dir: Path, role: str | None = None) -> dict:

@@ -10,6 +10,10 @@ and ``TarWriter`` do (regular files only, ``__*__`` top-level names skipped; mem
 mode 0444, user/group ``bigdata``, a fixed mtime): importing webdataset imports torch (~2 s, ~500 MB), and
 ``verify``, ``select``, ``dedup`` and ``reshard`` need neither. ``tests/test_shardio.py`` checks both
 directions against webdataset itself.
+
+A shard is a local path or a remote URL (an external entry made by ``kdpipe index``): ``pipeline.storage``
+opens either as one sequential stream, and the sha256 is computed over exactly the bytes read, so every
+stage that reads a shard re-hashes it while streaming and fails its part on a mismatch, naming the shard.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import hashlib
 import io
 import re
 import tarfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from pipeline.errors import PartFailed
+from pipeline.storage import classify, open_read
 from stages.imaging import SampleError
 
 _TAR_USER = "bigdata"  # webdataset's TarWriter defaults: the bytes of a written shard match its output
@@ -61,6 +67,7 @@ class ShardStats:
     yielded: int = 0
     failures: dict[str, list[str]] = field(default_factory=dict)
     sha256: str | None = None
+    nbytes: int = 0
 
     def fail(self, reason: str, key: str) -> None:
         self.failures.setdefault(reason, []).append(key)
@@ -76,15 +83,19 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (match.group(1), match.group(2).lower()) if match else None
 
 
-def tar_members(stream: BinaryIO) -> Iterator[dict]:
+def tar_members(stream: BinaryIO, want: Callable[[str], bool] | None = None) -> Iterator[dict]:
     """``{"fname", "data"}`` per regular member of a tar stream, in order (webdataset's ``tar_file_iterator``
-    with ``skip_meta=None``: top-level ``__name__`` members are skipped, nothing else)."""
+    with ``skip_meta=None``: top-level ``__name__`` members are skipped, nothing else).
+
+    ``want(name)``: when given, only members it accepts are read into ``data``; the others get ``None`` and
+    their bytes are skipped (still read from the stream, so still hashed)."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             name = info.name
             if not info.isreg() or name is None or ("/" not in name and name.startswith("__") and name.endswith("__")):
                 continue
-            yield {"fname": name, "data": tar.extractfile(info).read()}
+            data = tar.extractfile(info).read() if want is None or want(name) else None
+            yield {"fname": name, "data": data}
             tar.members = []  # stream mode: keep memory flat over a long tar
 
 
@@ -118,22 +129,35 @@ def _emit(key: str, fields: dict, seen: set, stats: ShardStats) -> Iterator[tupl
 
 
 def read_shard(path: str | Path, stats: ShardStats, expected_sha256: str | None = None,
-               expected_samples: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` for every sample of a local tar shard, in tar order.
+               expected_samples: int | None = None,
+               want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for every sample of a tar shard (local path or URL), in tar order.
 
-    Raises ``PartFailed`` (reasons ``unreadable_tar``, ``checksum_mismatch``, ``sample_count_mismatch``)
-    after the last sample when the shard is damaged; the caller must not commit its part then.
+    Raises ``PartFailed`` (reasons ``unreadable_shard``, ``unreadable_tar``, ``checksum_mismatch``,
+    ``sample_count_mismatch``) after the last sample when the shard is damaged; the caller must not commit
+    its part then. ``want``: read only the members it accepts (see ``tar_members``); the others map to None.
     """
-    with open(path, "rb") as raw:
-        reader = _HashingReader(raw)
+    with ExitStack() as stack:
+        reader = _HashingReader(_enter(stack, path))
         buffered = io.BufferedReader(reader, buffer_size=1 << 20)
         try:
-            yield from _group(tar_members(buffered), stats)
+            yield from _group(tar_members(buffered, want), stats)
+            reader.drain()
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise PartFailed(f"{path}: unreadable or truncated tar ({exc})", "unreadable_tar") from None
-        reader.drain()
     stats.sha256 = reader.digest.hexdigest()
+    stats.nbytes = reader.nbytes
     _check_integrity(path, stats, expected_sha256, expected_samples)
+
+
+def _enter(stack: ExitStack, path: str | Path) -> BinaryIO:
+    """Open a shard for one sequential read; a remote one that cannot be opened fails its part by name."""
+    if not classify(path).remote:
+        return stack.enter_context(open_read(path))
+    try:
+        return stack.enter_context(open_read(path))
+    except OSError as exc:
+        raise PartFailed(f"{path}: cannot read the shard ({exc})", "unreadable_shard") from None
 
 
 def _check_integrity(path, stats: ShardStats, expected_sha256, expected_samples) -> None:

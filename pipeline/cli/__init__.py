@@ -18,6 +18,7 @@ from pipeline.cli.commands import (
     demo,
     evaluate,
     export,
+    index,
     ingest,
     logits,
     reshard,
@@ -35,7 +36,7 @@ from pipeline.errors import KdpipeError
 from pipeline.log import setup_logging
 
 log = logging.getLogger("kdpipe")
-COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
+COMMANDS = (ingest, index, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
             check_views, sweep, show, export)
 
 

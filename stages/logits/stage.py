@@ -217,9 +217,7 @@ def _shard_refs(data: mf.Manifest, indices: list[int]) -> list[ShardRef]:
     refs = []
     for i in indices:
         entry = data.files[i]
-        where = data.file_path(entry)
-        if isinstance(where, str):
-            raise InputError(f"{data.path}: shard {entry['path']} is a URL; the logits stage reads local shards")
+        where = data.file_path(entry)  # a local path or a URL: read_shard streams either and re-hashes it
         refs.append(ShardRef(i, str(where), entry["sha256"], int(entry["samples"])))
     return refs
 

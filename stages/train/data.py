@@ -313,14 +313,11 @@ def make_loader(plan: DataPlan, epoch: int, rank: int, start: int, positions: li
 
 
 def shard_refs(manifests: list[mf.Manifest], logits: list[str | None]) -> list[ShardRef]:
-    """Every shard of the training manifests (local files only), with its teacher-logits path or None."""
+    """Every shard of the training manifests (local paths or URLs), with its teacher-logits path or None."""
     refs = []
     for manifest, logits_path in zip(manifests, logits):
         for index, entry in enumerate(manifest.files):
-            where = manifest.file_path(entry)
-            if isinstance(where, str):
-                raise InputError(f"{manifest.path}: shard {entry['path']} is remote; training reads local "
-                                 "shards (copy them, or mount the bucket)")
+            where = manifest.file_path(entry)  # local or remote: read_shard streams and re-hashes either
             if "samples" not in entry:
                 raise InputError(f"{manifest.path}: shard {entry['path']} has no sample count; re-ingest it")
             refs.append(ShardRef(str(where), entry["sha256"], int(entry["bytes"]), int(entry["samples"]), index,
