@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main
-from tests.s3_helpers import http_server, make_pool, s3_server, write_img2dataset_shard  # noqa: F401
+from tests.s3_helpers import make_pool, write_img2dataset_shard
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 
 from pipeline import storage
 from pipeline.errors import StorageError
-from tests.s3_helpers import http_server, s3_server  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("text, scheme, target", [
