@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ OPTIONS_ENV = "KDPIPE_STORAGE_OPTIONS"
 CHUNK = 1 << 20
 _BLOCK = 16 << 20  # s3/gs read-ahead block: a few ranged GETs per shard
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_QUIET = ("aiobotocore.credentials", "botocore.credentials", "botocore.configprovider")  # one INFO line per client
 _BACKEND = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
 
 
@@ -92,6 +94,8 @@ def _all_options(text: str) -> dict:
 
 def filesystem(scheme: str):
     """The fsspec file system of a remote scheme, built with its storage options."""
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return fsspec.filesystem("gcs" if scheme == "gs" else scheme, **storage_options(scheme))
     except ImportError as exc:
@@ -108,6 +112,7 @@ def open_read(where: str | Path) -> Iterator[BinaryIO]:
             yield handle
         return
     fs = filesystem(loc.scheme)
+    fs.invalidate_cache(loc.target)  # a listing's cached size/etag must not hide an object replaced since
     kwargs = {"block_size": 0} if loc.scheme in ("http", "https") else {"block_size": _BLOCK,
                                                                           "cache_type": "readahead"}
     try:
