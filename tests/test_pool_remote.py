@@ -65,3 +65,27 @@ def test_a_flipped_byte_in_a_remote_shard_fails_its_part_by_name(world, caplog):
     assert "part-000001 failed (checksum_mismatch): s3://flip-pool/pool/00001.tar: sha256" in caplog.text
     assert sorted(p.name for p in (root / "flip-logits").glob("part-*")) == ["part-000000.parquet",
                                                                              "part-000002.parquet"]
+
+
+def _chain_tail(root, name):
+    assert main(["select", "--logits", str(root / f"{name}-logits"), "--per-class", "3",
+                 "--out", str(root / f"{name}-sel")]) == 0
+    assert main(["reshard", "--selection", str(root / f"{name}-sel"), "--out", str(root / f"{name}-rs")]) == 0
+    return mf.load(root / f"{name}-sel"), mf.load(root / f"{name}-rs")
+
+
+def test_select_and_reshard_over_the_bucket_equal_the_local_chain_and_keep_carries_captions(world):
+    root = world[0]
+    for name in ("local", "s3"):
+        if not (root / f"{name}-logits" / "manifest.json").exists():
+            pytest.skip("needs the logits of test_logits_over_s3_and_http_equal_the_local_pool_byte_for_byte")
+    (sel_l, rs_l), (sel_s, rs_s) = _chain_tail(root, "local"), _chain_tail(root, "s3")
+    assert sel_l.id == sel_s.id and rs_l.id == rs_s.id
+    assert [f["sha256"] for f in rs_l.files] == [f["sha256"] for f in rs_s.files]
+    kept_out = root / "keep-rs"
+    assert main(["reshard", "--selection", str(root / "s3-sel"), "--out", str(kept_out), "--keep", "txt,json"]) == 0
+    with tarfile.open(kept_out / "part-000000.tar") as tar:
+        names = tar.getnames()
+        caption = tar.extractfile(next(n for n in names if n.endswith(".txt"))).read()
+    assert {n.split(".", 1)[1] for n in names} == {"jpg", "cls", "json", "txt", "src.json"}
+    assert caption.startswith(b"photo ")
