@@ -32,6 +32,7 @@ from pipeline.cli.commands import (
     train,
     verify,
 )
+from pipeline.cli.commands.common import refuse_remote_out
 from pipeline.errors import KdpipeError
 from pipeline.log import setup_logging
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
+        refuse_remote_out(args)
         return int(args.func(args) or 0)
     except KdpipeError as exc:
         log.error("%s", exc)
