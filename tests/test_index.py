@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main
+from stages.shardio import fast_members, tar_members
 from tests.s3_helpers import make_pool, write_img2dataset_shard
 
 
@@ -129,3 +130,31 @@ def test_bad_sources_are_named_with_rc_2(pool, tmp_path, caplog):
     assert _index(tmp_path, tmp_path / "missing")[0] == 2 and "no such shard" in caplog.text
     (tmp_path / "empty").mkdir()
     assert _index(tmp_path, tmp_path / "empty")[0] == 2 and "no .tar shard found" in caplog.text
+
+
+def _names(members):
+    return [(m["fname"], m["data"]) for m in members]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fast_member_scanner_reads_what_tarfile_reads(tmp_path, fmt):
+    names = ["a.jpg", "d/" * 60 + "long.jpg", "ünï/cödé.txt", "__meta__", "x" * 120 + ".json", "empty.cls"]
+    names = [n for n in names if fmt != tarfile.USTAR_FORMAT or not n.startswith("xxx")]  # ustar: 100-char names
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (i * 700) if name != "empty.cls" else b""
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    with open(path, "rb") as a, open(path, "rb") as b:
+        assert _names(fast_members(a)) == _names(tar_members(b))
+    with open(path, "rb") as a:
+        wanted = [m["data"] for m in fast_members(a, want=lambda n: n.endswith(".txt"))]
+    assert wanted[:3] == [None, None, b"\x02" * 1400]
+    cut = path.read_bytes()[:2000]
+    with pytest.raises(tarfile.ReadError):
+        list(fast_members(io.BytesIO(cut)))

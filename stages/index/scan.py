@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pipeline.errors import InputError, PartFailed
 from pipeline.storage import open_read
 from stages.imaging import IMAGE_EXTENSIONS
-from stages.shardio import ShardStats, read_shard
+from stages.shardio import ShardStats, UnsupportedTar, fast_members, read_shard, tar_members
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,22 @@ class Labels:
 
 
 def scan_shard(location: str, labels: Labels | None = None, check_stats: bool = True) -> dict:
-    """The index record of one shard; ``PartFailed`` names what is wrong with it."""
+    """The index record of one shard; ``PartFailed`` names what is wrong with it.
+
+    A plain ``.tar`` is parsed by ``fast_members``; a compressed one, or one with a header it does not know,
+    by ``tarfile`` (the same members either way; ``tests/test_index.py`` compares them)."""
+    fast = location.lower().endswith(".tar")
+    try:
+        return _scan(location, labels, check_stats, fast_members if fast else tar_members)
+    except UnsupportedTar:
+        return _scan(location, labels, check_stats, tar_members)
+
+
+def _scan(location: str, labels: Labels | None, check_stats: bool, members) -> dict:
     stats, exts, failures = ShardStats(location), Counter(), {}
     no_image, per_class = [], Counter()
-    want = None if labels is None else (lambda name: name.rsplit(".", 1)[-1].lower() == labels.member)
-    for key, fields in read_shard(location, stats, want=want or (lambda name: False)):
+    want = (lambda name: False) if labels is None else (lambda name: name.rsplit(".", 1)[-1].lower() == labels.member)
+    for key, fields in read_shard(location, stats, want=want, members=members):
         ext = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
         if ext is None:
             no_image.append(key)
@@ -81,6 +92,11 @@ def scan_shard(location: str, labels: Labels | None = None, check_stats: bool = 
                 failures.setdefault(reason, []).append(key)
             else:
                 per_class[label] += 1
+    return _result(location, stats, exts, failures, no_image, per_class, labels, check_stats)
+
+
+def _result(location, stats: ShardStats, exts: Counter, failures: dict, no_image: list, per_class: Counter,
+            labels: Labels | None, check_stats: bool) -> dict:
     _refuse_repeats(location, stats)
     samples = stats.yielded + stats.failed
     images = stats.yielded - len(no_image)
