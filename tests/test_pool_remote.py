@@ -89,3 +89,26 @@ def test_select_and_reshard_over_the_bucket_equal_the_local_chain_and_keep_carri
         caption = tar.extractfile(next(n for n in names if n.endswith(".txt"))).read()
     assert {n.split(".", 1)[1] for n in names} == {"jpg", "cls", "json", "txt", "src.json"}
     assert caption.startswith(b"photo ")
+
+
+def test_kdpipe_run_takes_the_bucket_pool_through_index_logits_select_reshard_train(world, tmp_path):
+    import yaml
+
+    root, card, _, _ = world
+    stages = {
+        "pool": {"command": "index", "argv": [f"s3://{BUCKET}/pool/"], "array": 2},
+        "logits": {"command": "logits", "args": {"data": "${pool}", "teacher": str(card), "topk": 2,
+                                                 "temperature": 1.0, "num_workers": 0}},
+        "select": {"command": "select", "args": {"logits": "${logits}", "per_class": 3}},
+        "reshard": {"command": "reshard", "args": {"selection": "${select}", "keep": "txt,json"}},
+        "student": {"command": "train", "args": {"train": "${reshard}", "arch": "smallcnn", "size": 28, "epochs": 1,
+                                                 "batch_size": 4, "loss": "hard", "threads": 1, "num_workers": 0}},
+    }
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "stages": stages}, sort_keys=False))
+    assert main(["run", str(path)]) == 0
+    pool = mf.load(tmp_path / "run" / "pool")
+    assert pool.files[0]["path"] == f"s3://{BUCKET}/pool/00000.tar" and pool.totals["samples"] == 15
+    assert mf.load(tmp_path / "run" / "reshard").totals["samples"] > 0
+    assert (tmp_path / "run" / "student" / "manifest.json").exists()
+    assert not list((tmp_path / "run").rglob("0000*.tar"))  # no copy of the pool anywhere
