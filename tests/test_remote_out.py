@@ -1,0 +1,63 @@
+"""``kdpipe logits --out s3://bucket/prefix``: parts written whole (one PUT each), receipts after them, the
+manifest created only if absent; the same bytes as a local run; a killed upload leaves no committed part."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import manifest as mf
+from pipeline.cli import main
+from tests.s3_helpers import make_pool
+from tests.test_logits_support import train_card
+
+BUCKET = "remote-out"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, s3_server):
+    root = tmp_path_factory.mktemp("rout")
+    make_pool(root / "pool", shards=3, samples=4, seed=3)
+    card = train_card(root / "card", None, steps=0, classes=["a", "b", "c"])
+    assert main(["index", str(root / "pool"), "--out", str(root / "idx")]) == 0
+    s3_server.fs().mkdir(BUCKET)
+    return root, card, s3_server.fs()
+
+
+def _logits(root, card, out, *extra):
+    return main(["logits", "--data", str(root / "idx"), "--teacher", str(card), "--topk", "2", "--temperature", "1",
+                 "--num-workers", "0", "--out", out, *extra])
+
+
+def test_logits_to_a_bucket_prefix_equal_a_local_run_and_the_manifest_is_create_only(world):
+    root, card, fs = world
+    assert _logits(root, card, str(root / "local")) == 0
+    assert _logits(root, card, f"s3://{BUCKET}/run1/logits") == 0
+    local = mf.load(root / "local")
+    remote = json.loads(fs.cat_file(f"{BUCKET}/run1/logits/manifest.json"))
+    assert remote["id"] == local.id and [f["sha256"] for f in remote["files"]] == [f["sha256"] for f in local.files]
+    for f in local.files:
+        assert fs.cat_file(f"{BUCKET}/run1/logits/{f['path']}") == (root / "local" / f["path"]).read_bytes()
+    assert fs.exists(f"{BUCKET}/run1/logits/README.md") and fs.exists(f"{BUCKET}/run1/logits/_parts/part-000002.json")
+    before = fs.info(f"{BUCKET}/run1/logits/manifest.json")["LastModified"]
+    assert _logits(root, card, f"s3://{BUCKET}/run1/logits") == 0  # a rerun: every part skipped, manifest kept
+    assert fs.info(f"{BUCKET}/run1/logits/manifest.json")["LastModified"] == before
+
+
+def test_a_part_object_without_its_receipt_is_not_committed_and_the_rerun_completes(world):
+    root, card, fs = world
+    assert _logits(root, card, f"s3://{BUCKET}/run2/logits", "--no-finalize", "--task-index", "0",
+                   "--num-tasks", "3") == 0
+    fs.pipe_file(f"{BUCKET}/run2/logits/part-000001.parquet", b"half an upload, never receipted")
+    assert not fs.exists(f"{BUCKET}/run2/logits/manifest.json")
+    assert _logits(root, card, f"s3://{BUCKET}/run2/logits") == 0
+    remote = json.loads(fs.cat_file(f"{BUCKET}/run2/logits/manifest.json"))
+    assert remote["id"] == mf.load(root / "local").id
+
+
+def test_other_parameters_in_the_same_prefix_are_refused(world, caplog):
+    root, card, _ = world
+    main(["logits", "--data", str(root / "idx"), "--teacher", str(card), "--topk", "3", "--temperature", "1",
+          "--num-workers", "0", "--out", f"s3://{BUCKET}/run1/logits"])
+    assert "made with other parameters" in caplog.text
