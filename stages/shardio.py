@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tarfile
 from contextlib import ExitStack
@@ -311,3 +312,18 @@ def parse_label(fields: dict[str, bytes], num_classes: int) -> int:
     if not 0 <= label < num_classes:
         raise SampleError("bad_label", f"label {label} outside [0, {num_classes})")
     return label
+
+
+def with_cls(fields: dict[str, bytes], label_from: str | None, names: tuple[str, ...] | list[str]) -> dict:
+    """``fields`` with a ``cls`` member made from ``json:FIELD`` labels (``kdpipe index --label-from``), so every
+    reader of ``cls`` (``parse_label``) sees them; unchanged for ``cls`` labels, no label source or no json.
+    A value that is a class name becomes its index; one that is missing or unknown makes no ``cls``."""
+    if not label_from or not label_from.startswith("json:") or "cls" in fields or fields.get("json") is None:
+        return fields
+    try:
+        value = json.loads(fields["json"])[label_from[5:]]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return fields
+    if isinstance(value, str) and value in names:
+        value = list(names).index(value)
+    return {**fields, "cls": str(value).encode()} if isinstance(value, int) and not isinstance(value, bool) else fields

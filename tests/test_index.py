@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main
-from stages.shardio import fast_members, tar_members
+from stages.shardio import ShardStats, fast_members, read_shard, tar_members
 from tests.s3_helpers import make_pool, write_img2dataset_shard
 
 
@@ -114,6 +114,12 @@ def test_labels_from_a_json_field_with_a_classes_file(tmp_path):
     manifest = mf.load(out)
     assert rc == 0 and manifest.params["labeled"] and manifest.params["class_names"] == ["cat", "dog", "bird"]
     assert sum(manifest.totals["per_class"]) == 6 and manifest.params["label_from"] == "json:label"
+    labels = [json.loads(f["json"])["label"] for _, f in read_shard(str(tmp_path / "p" / "00000.tar"),
+                                                                      ShardStats("x"))]
+    assert manifest.totals["per_class"] == [labels.count(c) for c in range(3)]
+    assert main(["teacher", "--train", str(out), "--arch", "smallcnn", "--size", "28", "--epochs", "1",
+                 "--batch-size", "3", "--threads", "1", "--num-workers", "0", "--out", str(tmp_path / "t")]) == 0
+    assert mf.load(tmp_path / "t").params["class_names"] == ["cat", "dog", "bird"]  # json labels, trained on
 
 
 def test_array_tasks_index_blocks_and_the_last_one_finalizes_the_same_manifest(pool, tmp_path):

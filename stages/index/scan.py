@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from pipeline.errors import InputError, PartFailed
 from pipeline.storage import open_read
-from stages.imaging import IMAGE_EXTENSIONS
-from stages.shardio import ShardStats, UnsupportedTar, fast_members, read_shard, tar_members
+from stages.imaging import IMAGE_EXTENSIONS, SampleError
+from stages.shardio import ShardStats, UnsupportedTar, fast_members, parse_label, read_shard, tar_members, with_cls
 
 
 @dataclass(frozen=True)
@@ -44,24 +44,11 @@ class Labels:
         return cls(label_from, tuple(names))
 
     def label_of(self, fields: dict[str, bytes | None]) -> tuple[int | None, str | None]:
-        """(class id, None) or (None, failure reason) of one sample."""
-        data = fields.get(self.member)
-        if data is None:
-            return None, "missing_label"
+        """(class id, None) or (None, failure reason) of one sample, exactly as training will read it."""
         try:
-            value = data.decode().strip() if self.source == "cls" else json.loads(data)[self.source[5:]]
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-            return None, "missing_label"
-        return self._class_id(value)
-
-    def _class_id(self, value) -> tuple[int | None, str | None]:
-        if isinstance(value, str) and value in self.names:
-            return self.names.index(value), None
-        try:
-            label = int(value)
-        except (TypeError, ValueError):
-            return None, "bad_label"
-        return (label, None) if 0 <= label < len(self.names) and not isinstance(value, bool) else (None, "bad_label")
+            return parse_label(with_cls(fields, self.source, self.names), len(self.names)), None
+        except SampleError as exc:
+            return None, exc.reason
 
 
 def scan_shard(location: str, labels: Labels | None = None, check_stats: bool = True) -> dict:
