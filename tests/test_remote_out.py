@@ -22,6 +22,7 @@ def world(tmp_path_factory, s3_server):
     card = train_card(root / "card", None, steps=0, classes=["a", "b", "c"])
     assert main(["index", str(root / "pool"), "--out", str(root / "idx")]) == 0
     s3_server.fs().mkdir(BUCKET)
+    assert _logits(root, card, str(root / "local")) == 0
     return root, card, s3_server.fs()
 
 
@@ -32,7 +33,6 @@ def _logits(root, card, out, *extra):
 
 def test_logits_to_a_bucket_prefix_equal_a_local_run_and_the_manifest_is_create_only(world):
     root, card, fs = world
-    assert _logits(root, card, str(root / "local")) == 0
     assert _logits(root, card, f"s3://{BUCKET}/run1/logits") == 0
     local = mf.load(root / "local")
     remote = json.loads(fs.cat_file(f"{BUCKET}/run1/logits/manifest.json"))
@@ -58,6 +58,29 @@ def test_a_part_object_without_its_receipt_is_not_committed_and_the_rerun_comple
 
 def test_other_parameters_in_the_same_prefix_are_refused(world, caplog):
     root, card, _ = world
+    assert _logits(root, card, f"s3://{BUCKET}/run3/logits") == 0
     main(["logits", "--data", str(root / "idx"), "--teacher", str(card), "--topk", "3", "--temperature", "1",
-          "--num-workers", "0", "--out", f"s3://{BUCKET}/run1/logits"])
+          "--num-workers", "0", "--out", f"s3://{BUCKET}/run3/logits"])
     assert "made with other parameters" in caplog.text
+
+
+@pytest.mark.parametrize("point", ["part.validated:2", "part.published:2"])
+def test_a_sigkill_around_an_upload_leaves_no_committed_part_and_the_rerun_completes(world, point):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.objstore import ObjectPartStore
+
+    root, card, fs = world
+    prefix = f"{BUCKET}/kill-{point.split('.')[1].split(':')[0]}/logits"
+    argv = [sys.executable, "-m", "pipeline", "logits", "--data", str(root / "idx"), "--teacher", str(card),
+            "--topk", "2", "--temperature", "1", "--num-workers", "0", "--out", f"s3://{prefix}"]
+    killed = subprocess.run(argv, env={**os.environ, "KDPIPE_FAULT": point}, capture_output=True)
+    assert killed.returncode == -9
+    assert fs.exists(f"{prefix}/_parts/part-000000.json") and not fs.exists(f"{prefix}/_parts/part-000001.json")
+    assert not fs.exists(f"{prefix}/manifest.json")
+    assert _logits(root, card, f"s3://{prefix}") == 0
+    assert json.loads(fs.cat_file(f"{prefix}/manifest.json"))["id"] == mf.load(root / "local").id
+    scratch = ObjectPartStore(f"s3://{prefix}", ".parquet", {"hash": ""}, len).scratch
+    assert not list(scratch.glob(".tmp-*"))  # the killed writer's local temp was removed
