@@ -164,3 +164,20 @@ def test_the_fast_member_scanner_reads_what_tarfile_reads(tmp_path, fmt):
     cut = path.read_bytes()[:2000]
     with pytest.raises(tarfile.ReadError):
         list(fast_members(io.BytesIO(cut)))
+
+
+def test_index_options_are_stated_once_in_the_dataclass():
+    import dataclasses
+    import inspect
+
+    from pipeline.cli import build_parser
+    from pipeline.options import TaskOptions, from_args
+    from stages.index.options import IndexOptions
+    from stages.index.stage import index
+
+    params = inspect.signature(index).parameters
+    for field in dataclasses.fields(IndexOptions):
+        assert params[field.name].default is field.default
+    args = build_parser().parse_args(["index", "pool", "--out", "O"])
+    assert all(getattr(args, f.name) is None for f in dataclasses.fields(IndexOptions))
+    assert from_args(IndexOptions, args) == IndexOptions() and from_args(TaskOptions, args) == TaskOptions()
