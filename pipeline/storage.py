@@ -28,6 +28,7 @@ REMOTE_SCHEMES = ("http", "https", "s3", "gs", "gcs")
 OPTIONS_ENV = "KDPIPE_STORAGE_OPTIONS"
 CHUNK = 1 << 20
 _BLOCK = 16 << 20  # s3/gs read-ahead block: a few ranged GETs per shard
+_KNOWN = (*REMOTE_SCHEMES, "file", "pipe", "ftp", "sftp", "az", "abfs", "hf")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _QUIET = ("aiobotocore.credentials", "botocore.credentials", "botocore.configprovider")  # one INFO line per client
 _BACKEND = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}
@@ -49,9 +50,15 @@ class Location:
 
 
 def scheme_of(text: str) -> str | None:
-    """The URL scheme of ``text`` in lower case (``s3``, ``pipe``), or None for a plain path."""
+    """The URL scheme of ``text`` in lower case (``s3``, ``pipe``), or None for a plain path.
+
+    ``NAME://...`` is a URL; so is ``NAME:...`` for a scheme kdpipe knows (``pipe:cmd``, ``s3:/b`` as argparse's
+    ``Path`` leaves ``s3://b``); any other ``word:rest`` (``run:2/x``) is a path, as is a drive letter."""
     match = _SCHEME.match(text)
-    return match.group(1).lower() if match and len(match.group(1)) > 1 else None  # a drive letter is no scheme
+    if not match or len(match.group(1)) < 2:
+        return None
+    scheme = match.group(1).lower()
+    return scheme if text[match.end():].startswith("//") or scheme in _KNOWN else None
 
 
 def classify(where: str | Path) -> Location:

@@ -73,8 +73,8 @@ def test_verify_of_urls_that_cannot_be_read_is_not_intact(pool, tmp_path, http_s
     assert caplog.text.count("NOT verified") == 2 and "intact" not in caplog.text
 
 
-@pytest.mark.parametrize("command", [["logits", "--data", "D", "--teacher", "T", "--topk", "1", "--temperature", "1"],
-                                     ["select", "--logits", "L", "--per-class", "1"], ["index", "pool"]])
+@pytest.mark.parametrize("command", [["reshard", "--selection", "S"], ["select", "--logits", "L", "--per-class", "1"],
+                                     ["index", "pool"]])
 def test_an_object_storage_out_is_refused_by_name_and_makes_no_local_folder(command, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     assert main([*command, "--out", "s3://bucket/x"]) == 2

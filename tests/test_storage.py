@@ -14,7 +14,8 @@ from pipeline.errors import StorageError
 @pytest.mark.parametrize("text, scheme, target", [
     ("pool/00000.tar", "local", "pool/00000.tar"), ("/abs/x.tar", "local", "/abs/x.tar"),
     ("file:///abs/x.tar", "local", "/abs/x.tar"), ("s3://b/p/x.tar", "s3", "s3://b/p/x.tar"),
-    ("HTTPS://h/x.tar", "https", "HTTPS://h/x.tar"), ("gs://b/x.tar", "gs", "gs://b/x.tar")])
+    ("HTTPS://h/x.tar", "https", "HTTPS://h/x.tar"), ("gs://b/x.tar", "gs", "gs://b/x.tar"),
+    ("run:2/x.tar", "local", "run:2/x.tar"), ("C:/x.tar", "local", "C:/x.tar")])
 def test_locations_are_classified(text, scheme, target):
     loc = storage.classify(text)
     assert (loc.scheme, loc.target) == (scheme, target)
