@@ -24,7 +24,8 @@ from pipeline import __version__
 from pipeline.atomic import write_atomic
 from pipeline.errors import ManifestError
 from pipeline.hashing import canonical_json, sha256_json
-from pipeline.paths import check_file, resolve_file
+from pipeline.paths import check_entry, check_file, resolve_file
+from pipeline.storage import RemotePath, classify
 
 MANIFEST_NAME = "manifest.json"
 _ID_FIELDS = ("kind", "schema_version", "params", "files", "totals")
@@ -166,6 +167,16 @@ class Manifest:
         return [i["id"] for i in self.inputs if kind is None or i["kind"] == kind]
 
 
+class RemoteManifest(Manifest):
+    """A manifest that lives in object storage: its relative entries are objects under its prefix."""
+
+    def file_path(self, entry: dict) -> Path | str | RemotePath:
+        if entry.get("external"):
+            return resolve_file(Path("/"), entry, str(self.path))
+        check_entry(entry["path"], str(self.path))
+        return self.folder / entry["path"]
+
+
 def load(path: str | Path, kind: str | None = None) -> Manifest:
     """Load and validate a manifest (JSON, schema, version, id, every file path) before any work starts.
 
@@ -173,8 +184,8 @@ def load(path: str | Path, kind: str | None = None) -> Manifest:
         path: the manifest file, or a folder holding ``manifest.json``.
         kind: the expected kind; another kind is refused.
     """
-    path = Path(path)
-    if path.is_dir():
+    path = RemotePath(str(path)) if classify(str(path)).remote else Path(path)
+    if (path.name != MANIFEST_NAME) if isinstance(path, RemotePath) else path.is_dir():
         path = path / MANIFEST_NAME
     try:
         data = json.loads(path.read_bytes())
@@ -187,7 +198,7 @@ def load(path: str | Path, kind: str | None = None) -> Manifest:
         raise ManifestError(f"{path}: is a {data['kind']!r} manifest, expected {kind!r}")
     if content_id(data) != data["id"]:
         raise ManifestError(f"{path}: field 'id' does not match the manifest's content (edited or corrupted)")
-    manifest = Manifest(path, data)
+    manifest = (RemoteManifest if isinstance(path, RemotePath) else Manifest)(path, data)
     for entry in data["files"]:
         check_file(entry, data["kind"], data["producer"].get("stage"), str(path))
         manifest.file_path(entry)

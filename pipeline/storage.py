@@ -183,3 +183,47 @@ def expand_remote(pattern: str) -> list[str]:
         raise StorageError(f"{pattern}: cannot list ({type(exc).__name__}: {exc})") from None
     prefix = f"{loc.scheme}://"
     return sorted(f if f.startswith(prefix) else prefix + f.lstrip("/") for f in found)
+
+
+class RemotePath:
+    """The few ``Path`` operations readers use, on an object URL (``/``, ``name``, ``parent``, ``is_file``,
+    ``exists``, ``read_bytes``): a manifest that lives in a bucket (``kdpipe verify s3://b/run/logits``)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        self.name = self.url.rsplit("/", 1)[-1]
+
+    def __truediv__(self, name: str) -> "RemotePath":
+        return RemotePath(f"{self.url}/{name}")
+
+    @property
+    def parent(self) -> "RemotePath":
+        return RemotePath(self.url.rsplit("/", 1)[0])
+
+    def exists(self) -> bool:
+        return bool(filesystem(classify(self.url).scheme).exists(self.url))
+
+    def is_file(self) -> bool:
+        return bool(filesystem(classify(self.url).scheme).isfile(self.url))
+
+    def is_dir(self) -> bool:
+        return bool(filesystem(classify(self.url).scheme).isdir(self.url))
+
+    def read_bytes(self) -> bytes:
+        with open_read(self.url) as stream:
+            return stream.read()
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)

@@ -10,6 +10,7 @@ I/O release the GIL).
 from __future__ import annotations
 
 import logging
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import KdpipeError
 from pipeline.hashing import sha256_file
-from pipeline.storage import sha256_of
+from pipeline.storage import RemotePath, open_read, sha256_of
 
 log = logging.getLogger(__name__)
 ContentCheck = Callable[[mf.Manifest, dict, Path], list[str]]
@@ -48,8 +49,14 @@ def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None, jobs
 
 def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None) -> list[str]:
     where = manifest.file_path(entry)
+    if isinstance(where, RemotePath):
+        return _verify_object(manifest, entry, where, check)
     if isinstance(where, str) or manifest.is_external(entry):
         return _verify_streamed(manifest, entry, where, check)
+    return _verify_local(manifest, entry, where, check)
+
+
+def _verify_local(manifest: mf.Manifest, entry: dict, where: Path, check: ContentCheck | None) -> list[str]:
     if not where.is_file():
         return [f"{where}: missing"]
     if where.stat().st_size != entry["bytes"]:
@@ -76,6 +83,21 @@ def _verify_streamed(manifest: mf.Manifest, entry: dict, where: Path | str,
     if digest != entry["sha256"]:
         return [f"{where}: sha256 differs from the manifest (object changed or damaged)"]
     return check(manifest, entry, where) if check is not None else []
+
+
+def _verify_object(manifest: mf.Manifest, entry: dict, where: RemotePath, check: ContentCheck | None) -> list[str]:
+    """A part of an artifact in object storage: fetched once into a local temp file (hashed as it comes), then
+    checked like a local part; problems name the object."""
+    with tempfile.TemporaryDirectory(prefix="kdpipe-verify-") as tmp:
+        local = Path(tmp) / where.name
+        try:
+            with open_read(str(where)) as stream, open(local, "wb") as out:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    out.write(chunk)
+        except (OSError, KdpipeError) as exc:
+            return [f"{where}: could not be read, so it is NOT verified ({exc})"]
+        problems = _verify_local(manifest, entry, local, check)
+    return [p.replace(str(local), str(where)) for p in problems]
 
 
 def _count_problem(where: Path, count: Callable[[], int], expected: int, what: str) -> list[str]:

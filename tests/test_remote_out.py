@@ -84,3 +84,16 @@ def test_a_sigkill_around_an_upload_leaves_no_committed_part_and_the_rerun_compl
     assert json.loads(fs.cat_file(f"{prefix}/manifest.json"))["id"] == mf.load(root / "local").id
     scratch = ObjectPartStore(f"s3://{prefix}", ".parquet", {"hash": ""}, len).scratch
     assert not list(scratch.glob(".tmp-*"))  # the killed writer's local temp was removed
+
+
+def test_verify_of_an_artifact_in_the_bucket_re_hashes_its_objects(world, caplog):
+    root, card, fs = world
+    prefix = f"{BUCKET}/verify/logits"
+    assert _logits(root, card, f"s3://{prefix}") == 0
+    assert main(["verify", f"s3://{prefix}", "--jobs", "3"]) == 0 and "is intact" in caplog.text
+    body = bytearray(fs.cat_file(f"{prefix}/part-000001.parquet"))
+    body[len(body) // 2] ^= 0xFF
+    fs.pipe_file(f"{prefix}/part-000001.parquet", bytes(body))
+    caplog.clear()
+    assert main(["verify", f"s3://{prefix}/manifest.json"]) == 1
+    assert f"s3://{prefix}/part-000001.parquet: sha256 differs" in caplog.text and "intact" not in caplog.text
