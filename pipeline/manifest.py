@@ -177,14 +177,20 @@ class RemoteManifest(Manifest):
         return self.folder / entry["path"]
 
 
-def load(path: str | Path, kind: str | None = None) -> Manifest:
+def load(path: str | Path, kind: str | None = None, remote_ok: bool = False) -> Manifest:
     """Load and validate a manifest (JSON, schema, version, id, every file path) before any work starts.
 
     Args:
-        path: the manifest file, or a folder holding ``manifest.json``.
+        path: the manifest file, or a folder holding ``manifest.json``; with ``remote_ok``, also an object URL
+            or prefix (``s3://b/run/logits``).
         kind: the expected kind; another kind is refused.
+        remote_ok: the caller reads ``RemotePath`` entries (``verify``); other readers refuse a URL by name.
     """
-    path = RemotePath(str(path)) if classify(str(path)).remote else Path(path)
+    loc = classify(str(path))
+    if loc.remote and not remote_ok:
+        raise ManifestError(f"{loc.target}: a manifest in object storage is read by `kdpipe verify` only; copy "
+                            "the prefix to a folder (or mount the bucket) to use it as a stage input")
+    path = RemotePath(loc.target) if loc.remote else Path(path)
     if (path.name != MANIFEST_NAME) if isinstance(path, RemotePath) else path.is_dir():
         path = path / MANIFEST_NAME
     try:

@@ -74,6 +74,9 @@ def classify(where: str | Path) -> Location:
     if scheme == "pipe":
         raise StorageError(f"{text}: 'pipe:' locations run a shell command and are refused; give the path or "
                            "URL of the file itself (s3://, gs://, http(s)://)")
+    rest = text[len(scheme) + 1:]
+    if scheme in REMOTE_SCHEMES and rest.startswith("/") and not rest.startswith("//"):
+        text = f"{text[:len(scheme)]}:/{rest}"  # argparse's Path turned s3://b/x into s3:/b/x
     if scheme not in REMOTE_SCHEMES or not text.lower().startswith(f"{scheme}://"):
         raise StorageError(f"{text}: scheme {scheme!r} is not read by kdpipe "
                            f"(local paths, file://, {', '.join(s + '://' for s in REMOTE_SCHEMES)})")

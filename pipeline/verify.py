@@ -34,7 +34,7 @@ def parquet_rows(path: Path) -> int:
 def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None, jobs: int = 1) -> list[str]:
     """Return every problem found in the artifact of manifest ``path`` (empty when it is intact)."""
     try:
-        manifest = mf.load(path)
+        manifest = mf.load(path, remote_ok=True)
     except KdpipeError as exc:
         return [str(exc)]
     check = (checks or {}).get(manifest.kind)

@@ -79,3 +79,8 @@ def test_an_object_storage_out_is_refused_by_name_and_makes_no_local_folder(comm
     monkeypatch.chdir(tmp_path)
     assert main([*command, "--out", "s3://bucket/x"]) == 2
     assert "--out s3://bucket/x: `kdpipe" in caplog.text and not (tmp_path / "s3:").exists()
+
+
+def test_a_manifest_in_a_bucket_as_a_stage_input_is_refused_by_name(tmp_path, caplog):
+    assert main(["select", "--logits", "s3://bucket/run/logits", "--per-class", "1", "--out", str(tmp_path)]) == 2
+    assert "s3://bucket/run/logits: a manifest in object storage is read by `kdpipe verify` only" in caplog.text
