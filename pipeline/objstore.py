@@ -61,6 +61,7 @@ class ObjectPartStore:
     """One stage's output prefix in object storage (see the module docstring)."""
 
     def __init__(self, url: str, suffix: str, fp: dict, count_rows: Callable[[Path], int]):
+        url = classify(url).target  # s3:/b/x (a Path's rendering) -> s3://b/x
         self.out_dir = url.rstrip("/")
         self.suffix, self.fp, self.count_rows = suffix, fp, count_rows
         self.receipts_dir = f"{self.out_dir}/{RECEIPTS}"

@@ -41,7 +41,8 @@ def check_entry(entry: str, where: str = "manifest") -> None:
     posix = PurePosixPath(entry)
     if posix.is_absolute() or entry.startswith("\\") or "\\" in entry:
         raise PathEscapeError(f"{where}: file path {entry!r} is absolute or uses backslashes; "
-                              "paths must be relative to the manifest's folder")
+                              "paths must be relative to the manifest's folder (to point at shards where they live, "
+                              "run `kdpipe index`)")
     if any(part == ".." for part in posix.parts):
         raise PathEscapeError(f"{where}: file path {entry!r} contains '..' and could leave the manifest's folder")
 

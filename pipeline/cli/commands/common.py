@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.errors import StorageError
 from pipeline.options import TaskOptions, add_options, from_args
-from pipeline.storage import scheme_of
+from pipeline.storage import classify, scheme_of
 
 
 def add_task_args(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ REMOTE_OUT_COMMANDS = ("logits",)  # commands whose --out may be an s3:// or gs:
 
 def out_location(text: str) -> Path | str:
     """``--out``'s argparse type: a URL stays a string (``Path`` would turn ``s3://b/x`` into ``s3:/b/x``)."""
-    return text if scheme_of(text) is not None else Path(text)
+    return classify(text).target if scheme_of(text) is not None else Path(text)
 
 
 def refuse_remote_out(args: argparse.Namespace) -> None:
