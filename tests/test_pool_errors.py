@@ -84,3 +84,16 @@ def test_an_object_storage_out_is_refused_by_name_and_makes_no_local_folder(comm
 def test_a_manifest_in_a_bucket_as_a_stage_input_is_refused_by_name(tmp_path, caplog):
     assert main(["select", "--logits", "s3://bucket/run/logits", "--per-class", "1", "--out", str(tmp_path)]) == 2
     assert "s3://bucket/run/logits: a manifest in object storage is read by `kdpipe verify` only" in caplog.text
+
+
+def test_a_hand_written_manifest_pointing_outside_its_folder_points_to_index(pool, tmp_path, caplog):
+    from pipeline import manifest as mf
+
+    data = mf.build("dataset", stage="hand", params={"labeled": False},
+                    files=[{"path": "x.tar", "bytes": 1, "sha256": "a" * 64, "samples": 4}], totals={"samples": 4})
+    data["files"][0]["path"] = str(pool / "00000.tar")
+    data["id"] = mf.content_id(data)
+    mf.write(data, tmp_path / "hand")
+    assert main(["logits", "--data", str(tmp_path / "hand"), "--teacher", "T", "--topk", "1", "--temperature", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is absolute" in caplog.text and "run `kdpipe index`" in caplog.text
