@@ -85,21 +85,22 @@ class ObjectPartStore:
         if removed:
             log.info("%s: removed %d stale local temp file(s) of killed uploads", self.out_dir, removed)
 
-    def _records(self) -> dict[str, dict]:
-        """Every readable JSON record under ``_parts/`` by name (one listing, one GET each)."""
+    def _records(self, failed: bool) -> dict[int, dict]:
+        """Receipts (or failure records) under ``_parts/`` by part: one listing, one GET per matching name."""
         try:
-            names = [n for n in self.fs.ls(self.receipts_dir, detail=False, refresh=True) if n.endswith(".json")]
+            names = self.fs.ls(self.receipts_dir, detail=False, refresh=True)
         except FileNotFoundError:
             return {}
-        return {n.rsplit("/", 1)[-1]: rec for n in names if (rec := self._read_json(n)) is not None}
+        names = [n for n in names if n.rsplit("/", 1)[-1].startswith("part-") and n.endswith(".json")
+                 and n.endswith(".failed.json") == failed]
+        records = (self._read_json(n) for n in names)
+        return {r["part"]: r for r in records if r is not None and isinstance(r.get("part"), int)}
 
     def receipts(self) -> dict[int, dict]:
-        return {r["part"]: r for name, r in self._records().items()
-                if name.startswith("part-") and not name.endswith(".failed.json") and isinstance(r.get("part"), int)}
+        return self._records(failed=False)
 
     def failures(self) -> dict[int, dict]:
-        return {r["part"]: r for name, r in self._records().items()
-                if name.endswith(".failed.json") and isinstance(r.get("part"), int)}
+        return self._records(failed=True)
 
     def check_fingerprint(self) -> None:
         for index, receipt in sorted(self.receipts().items()):
