@@ -181,3 +181,12 @@ def test_index_options_are_stated_once_in_the_dataclass():
     args = build_parser().parse_args(["index", "pool", "--out", "O"])
     assert all(getattr(args, f.name) is None for f in dataclasses.fields(IndexOptions))
     assert from_args(IndexOptions, args) == IndexOptions() and from_args(TaskOptions, args) == TaskOptions()
+
+
+def test_an_unreadable_remote_shard_fails_by_name(pool, tmp_path, http_server, caplog):
+    root, base = http_server
+    (root / "half").mkdir(exist_ok=True)
+    (root / "half" / "00000.tar").write_bytes((pool / "00000.tar").read_bytes())
+    rc, out = _index(tmp_path, f"{base}/half/{{00000..00001}}.tar")
+    assert rc == 1 and not (out / "manifest.json").exists()
+    assert f"part-000001 failed (unreadable_shard): {base}/half/00001.tar: cannot read the shard" in caplog.text
