@@ -35,7 +35,7 @@ from pipeline.signals import STOP_MODE_ENV
 CONFIG_HASH_ENV = "KDPIPE_CONFIG_HASH"
 CONFIG_DIR = "_config"
 RESOLVED_NAME = "config.resolved.json"
-DEFAULT_MODES = {"ingest": "array", "logits": "array", "reshard": "array", "train": "torchrun"}
+DEFAULT_MODES = {"ingest": "array", "index": "array", "logits": "array", "reshard": "array", "train": "torchrun"}
 SLURM_DEFAULTS = {
     "partition": None, "account": None, "qos": None, "constraint": None, "time": "01:00:00",
     "finalize_time": None, "cpus_per_task": 1, "gpus": 0, "nodes": 1, "mem": None, "max_parallel": None,

@@ -67,3 +67,7 @@ def named_os_error(exc: OSError, where: object = None) -> OutputError | None:
     where = where if where is not None else exc.filename if exc.filename is not None else "(a file)"
     code = errno.errorcode.get(exc.errno, str(exc.errno))
     return OutputError(f"{where}: {exc.strerror or exc} ({code}); {advice}")
+
+
+class StorageError(InputError):
+    """A location cannot be used: a refused scheme (``pipe:``), a missing fsspec backend, or an unreadable object."""

@@ -19,6 +19,7 @@ from pipeline.cli.commands import (
     demo,
     evaluate,
     export,
+    index,
     ingest,
     logits,
     reshard,
@@ -32,12 +33,13 @@ from pipeline.cli.commands import (
     train,
     verify,
 )
+from pipeline.cli.commands.common import refuse_remote_out
 from pipeline.errors import KdpipeError, named_os_error
 from pipeline.log import setup_logging
 from pipeline.progress import INTERVAL_ENV
 
 log = logging.getLogger("kdpipe")
-COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
+COMMANDS = (ingest, index, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
             check_views, sweep, show, export)
 
 
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.progress_interval is not None:  # through the environment, so that child processes follow it
         os.environ[INTERVAL_ENV] = str(args.progress_interval)
     try:
+        refuse_remote_out(args)
         return int(args.func(args) or 0)
     except KdpipeError as exc:
         log.error("%s", exc)

@@ -25,9 +25,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import InputError
+from pipeline.storage import scheme_of
 from stages.shardio import key_char_ok
 
 BUNDLED = ("digits",)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def discover(src: str) -> Source:
     """Turn ``src`` (folder, file list, or a bundled name) into a ``Source``; raise ``InputError``."""
     if src in BUNDLED:
         return _digits()
+    if scheme_of(src) not in (None, "file"):
+        raise InputError(_shards_hint(src, "is a URL; ingest packs local image files into new shards"))
     path = Path(src)
     if path.is_file():
         return _file_list(path)
@@ -134,18 +138,38 @@ def _file_item(root: Path, path: Path, label: int | None) -> Item:
 def _labeled_folder(root: Path, subdirs: list[Path], skipped: dict[str, list[str]]) -> Source:
     items = []
     for label, folder in enumerate(subdirs):
-        for path in _regular(sorted(folder.rglob("*")), skipped):
-            items.append(_file_item(root, path, label))
+        paths = list(_regular(sorted(folder.rglob("*")), skipped))
+        _refuse_shards(root, paths)
+        items += [_file_item(root, path, label) for path in paths]
     return Source("labeled_folder", _unique(items), [d.name for d in subdirs], skipped)
 
 
 def _flat(root: Path, paths: list[Path], kind: str, skipped: dict[str, list[str]]) -> Source:
+    _refuse_shards(root, paths)
     return Source(kind, _unique([_file_item(root, p, None) for p in paths]), None, skipped)
+
+
+def _shards_hint(src, what: str) -> str:
+    return (f"{src}: {what}. To use existing WebDataset shards where they live, index them: "
+            f"`kdpipe index {src} --out DIR` (paths, globs, {{a..b}} patterns, list files and URLs)")
+
+
+def _refuse_shards(src, paths: list[Path]) -> None:
+    """A source holding WebDataset tars is a pool to index, not images to pack: say so instead of failing later."""
+    tars = [p for p in paths if p.name.lower().endswith(SHARD_SUFFIXES)]
+    if tars:
+        shown = ", ".join(p.name for p in tars[:3]) + (", ..." if len(tars) > 3 else "")
+        raise InputError(_shards_hint(src, f"holds {len(tars)} WebDataset shard(s) ({shown}); ingest packs image "
+                                           "files into new shards"))
 
 
 def _file_list(listing: Path) -> Source:
     root = listing.parent
     lines = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    remote = [ln for ln in lines if scheme_of(ln) not in (None, "file")]
+    if remote:
+        raise InputError(_shards_hint(listing, f"lists {len(remote)} URL(s) ({remote[0]}, ...); ingest reads "
+                                               "local image files"))
     paths = [Path(ln) if Path(ln).is_absolute() else root / ln for ln in lines]
     skipped: dict[str, list[str]] = {}
     kept = []

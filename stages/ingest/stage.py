@@ -210,10 +210,14 @@ def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict,
     names = source.class_names if source.labeled and not hide else []
     manifest_params = {**params, "labeled": bool(names), "source_kind": source.kind,
                        "class_names": names, "num_classes": len(names)}
-    build = lambda receipts: mf.build(
-        "dataset", stage="ingest", params=manifest_params, files=file_entries(receipts, "samples"),
-        totals={"samples": sum(r["rows"] for r in receipts), "failures": failure_totals(receipts),
-                "classes": len(names), **skipped_totals(source)})
+    def build(receipts: list[dict]) -> dict:
+        samples, failures = sum(r["rows"] for r in receipts), failure_totals(receipts)
+        if samples == 0:
+            raise InputError(f"{params['source']}: not one of its {len(items)} file(s) is a readable image "
+                             f"(failures: {failures}); a dataset of 0 samples is refused. Check the source")
+        return mf.build("dataset", stage="ingest", params=manifest_params, files=file_entries(receipts, "samples"),
+                        totals={"samples": samples, "failures": failures, "classes": len(names),
+                                **skipped_totals(source)})
     return finalize(store, len(shards), build)
 
 

@@ -9,6 +9,10 @@ are shuffled with a seed. Every selected row lands exactly once or is a counted 
 (``missing_key``, ``missing_image``, ``not_an_image``, decode reasons, ``missing_soft_targets``,
 ``missing_partner``).
 
+``keep`` (``--keep txt,json``) carries other members of each selected sample through unchanged (captions,
+img2dataset metadata): ``txt`` stays ``txt``; a name reshard writes itself (``cls``, ``json``, image
+extensions) becomes ``src.<ext>`` (``src.json``). A sample without a kept member simply lacks it.
+
 From multi-view logits (docs/views.md) a sample's ``json`` also carries ``"views"``: every stored view's
 parameters and top-K targets, and each mixup partner's original image travels as member ``p<v>.<ext>``
 (view v's partner), so the trainer can rebuild every view exactly without the source dataset.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -97,8 +102,8 @@ class _PartWriter:
     """Writes one output shard: read its source shards once, spool the selected images, shuffle, write."""
 
     def __init__(self, lineage: Lineage, cache: _WaveCache, seed: int, decode_check: bool, temperature: float,
-                 scratch: Path):
-        self.lineage, self.cache, self.seed = lineage, cache, seed
+                 scratch: Path, keep: tuple[str, ...] = ()):
+        self.lineage, self.cache, self.seed, self.keep = lineage, cache, seed, keep
         self.decode_check, self.temperature, self.scratch = decode_check, temperature, scratch
         self.num_classes = int(lineage.selection.params["num_classes"])
         self.multiview = multiview_of(lineage) > 1
@@ -136,7 +141,8 @@ class _PartWriter:
                     failures.setdefault(reason, []).append(out_key)
                     continue
                 seen.add(out_key)
-                ext, offset, size = images[row["key"]]
+                ext, offset, size, kept = images[row["key"]]
+                members = members + kept
                 body = targets_json({**row, **targets[row["key"]]}, self.temperature, self.num_classes,
                                     views.get(row["key"]))
                 samples.append((out_key, ext, offset, size, row["label"], body, members))
@@ -179,7 +185,17 @@ class _PartWriter:
         spool.seek(0, 2)
         offset = spool.tell()
         spool.write(data)
-        return (ext, offset, len(data))
+        return (ext, offset, len(data), self._spool_kept(fields, spool))
+
+    def _spool_kept(self, fields: dict[str, bytes], spool) -> list[tuple]:
+        """``(member, offset, size)`` of each ``--keep`` member the sample has (renamed on a collision)."""
+        kept = []
+        for ext in self.keep:
+            if ext in fields:
+                spool.seek(0, 2)
+                kept.append((kept_name(ext), spool.tell(), len(fields[ext])))
+                spool.write(fields[ext])
+        return kept
 
     def _targets(self, shard: int, group: list[dict]) -> dict[str, dict]:
         """Soft targets by key: from the selection's columns, else from the logits part of this shard."""
@@ -213,9 +229,25 @@ def _partner_members(views: list[dict] | None, images: dict) -> list[tuple] | No
         if not isinstance(found, tuple):
             return None
         if found:
-            ext, offset, size = found
+            ext, offset, size = found[:3]
             members.append((f"p{record['view']}.{ext}", offset, size))
     return members
+
+
+OWN_MEMBERS = ("cls", "json", *IMAGE_EXTENSIONS)
+
+
+def parse_keep(text: str) -> tuple[str, ...]:
+    """``txt,json`` -> ("txt", "json"); ``InputError`` for a name that is not a member extension."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", n) or n.startswith("p") and n[1:2].isdigit()]
+    if bad:
+        raise InputError(f"--keep {text!r}: {bad[0]!r} is not a member extension (e.g. txt,json)")
+    return names
+
+
+def kept_name(ext: str) -> str:
+    return f"src.{ext}" if ext in OWN_MEMBERS else ext
 
 
 def _materialise(sample: tuple, spool) -> dict:
@@ -236,7 +268,8 @@ def multiview_of(lineage: Lineage) -> int:
 def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None = ReshardOptions.data,
             shard_size: int = ReshardOptions.shard_size, shard_bytes: int = ReshardOptions.shard_bytes,
             seed: int = ReshardOptions.seed, decode_check: bool = ReshardOptions.decode_check,
-            max_rows: int = ReshardOptions.max_rows, task_index: int = 0, num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
+            max_rows: int = ReshardOptions.max_rows, keep: str = ReshardOptions.keep, task_index: int = 0,
+            num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
             do_finalize: bool = True, finalize_only: bool = False) -> ReshardResult:
     """Write the selection's samples as training shards in ``out``; finalize when every part is committed.
 
@@ -249,6 +282,7 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
         seed: seed of the within-shard shuffle.
         decode_check: fully decode each selected image (default: check its signature only).
         max_rows: selection rows held in memory at once (a task reads the selection once per this many rows).
+        keep: other members to carry through, comma-separated (``txt,json``).
         task_index: this array task; it writes its ``plan_block`` of output shards.
         num_tasks: number of array tasks.
         retry_failed: retry parts that failed ``max_attempts`` times.
@@ -261,12 +295,15 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     rows = SelectionRows(mf.load(selection, kind="selection"))
     lineage = resolve_lineage(rows.manifest, data, need_logits=not rows.has_targets)
     plan = plan_for(lineage, rows, shard_size, shard_bytes)
+    kept = parse_keep(keep)
     params = _fingerprint_params(lineage, shard_size, shard_bytes, seed, decode_check)
+    if kept:  # absent when empty: folders made before --keep existed keep their fingerprint
+        params["keep"] = list(kept)
     out = Path(out)
     store = PartStore(out, ".tar", fingerprint("reshard", params, CODE_VERSION), count_samples)
     block = [] if finalize_only else list(plan_block(task_index, num_tasks, len(plan.parts)))
     cache = _WaveCache(rows, plan, plan_waves(plan.part_rows, block, max_rows))
-    writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out)
+    writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out, kept)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
     report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard",
                        num_parts=len(plan.parts), part_samples=lambda index: plan.part_rows[index])
