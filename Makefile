@@ -1,5 +1,5 @@
 # Two commands from a fresh clone (only Python needed): `make demo` and `make test`.
-# Each creates .venv and installs kdpipe with its extras on first use.
+# Each creates .venv and installs kdpipe with its extras on first use, pinned by constraints.txt (scripts/lock.sh).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,cpu,demo,teachers,storage,interop
@@ -7,10 +7,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow test-all clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -53,8 +53,10 @@ def staged(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a buffered write's ENOSPC names no file
+            exc.filename = str(final)
         raise
 
 

@@ -1,8 +1,8 @@
 """Pipeline configs: YAML naming each stage's command, arguments and output folder, for run / submit / status.
 
-A config is read with ``yaml.safe_load``, patched by ``--set key=value`` overrides, validated against
-``manifests/config.schema.json``, then resolved: defaults filled in, paths made absolute, and ``${stage}``
-references replaced by that stage's output folder. The resolved config is hashed (sha256 of its canonical JSON);
+A config is read with ``pipeline.safe_yaml`` (yaml's safe loader, size- and alias-limited), patched by
+``--set key=value`` overrides, validated against ``manifests/config.schema.json``, then resolved: defaults filled
+in, paths made absolute, and ``${stage}`` references replaced by that stage's output folder. The resolved config is hashed (sha256 of its canonical JSON);
 the hash is exported to every stage as ``KDPIPE_CONFIG_HASH`` (manifests record it in ``producer``) and the
 resolved config is written beside every output (``OUT/_config/config-<hash12>.json``) and in the run folder.
 
@@ -24,18 +24,18 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import jsonschema
-import yaml
 
 from pipeline.atomic import write_atomic
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
 from pipeline.manifest import MANIFEST_NAME
+from pipeline.safe_yaml import load_yaml, read_yaml_file
 from pipeline.signals import STOP_MODE_ENV
 
 CONFIG_HASH_ENV = "KDPIPE_CONFIG_HASH"
 CONFIG_DIR = "_config"
 RESOLVED_NAME = "config.resolved.json"
-DEFAULT_MODES = {"ingest": "array", "logits": "array", "reshard": "array", "train": "torchrun"}
+DEFAULT_MODES = {"ingest": "array", "index": "array", "logits": "array", "reshard": "array", "train": "torchrun"}
 SLURM_DEFAULTS = {
     "partition": None, "account": None, "qos": None, "constraint": None, "time": "01:00:00",
     "finalize_time": None, "cpus_per_task": 1, "gpus": 0, "nodes": 1, "mem": None, "max_parallel": None,
@@ -104,12 +104,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = (), cwd: Path | Non
         cwd: folder that relative ``run_dir``/``workdir`` are taken from (default: the current folder).
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such config file") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: not a readable YAML config: {exc}") from None
+    raw = read_yaml_file(path)  # size- and alias-limited before anything walks the value
     return config_from_dict(raw, overrides, cwd=cwd, source=path)
 
 
@@ -132,10 +127,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise InputError(f"--set {item!r}: expected key.sub=value (e.g. stages.logits.args.topk=5)")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as exc:
-            raise InputError(f"--set {item!r}: value is not valid YAML: {exc}") from None
+        value = load_yaml(text, f"--set {item!r}") if text else ""  # names the item when it is not valid YAML
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:

@@ -1,14 +1,9 @@
-"""Logging set-up and progress bars. Library code logs through ``logging``; it never prints."""
+"""Logging set-up. Library code logs through ``logging``; it never prints (progress: ``pipeline.progress``)."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Iterable, TypeVar
-
-from tqdm import tqdm
-
-T = TypeVar("T")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -31,8 +26,3 @@ def setup_logging(level: str = "INFO") -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
-
-
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
-    """Wrap ``iterable`` in a tqdm bar that turns itself off when stderr is not a terminal."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=None, leave=False)

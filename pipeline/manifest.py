@@ -24,7 +24,8 @@ from pipeline import __version__
 from pipeline.atomic import write_atomic
 from pipeline.errors import ManifestError
 from pipeline.hashing import canonical_json, sha256_json
-from pipeline.paths import check_entry, resolve_entry
+from pipeline.paths import check_entry, check_file, resolve_file
+from pipeline.storage import RemotePath, classify
 
 MANIFEST_NAME = "manifest.json"
 _ID_FIELDS = ("kind", "schema_version", "params", "files", "totals")
@@ -62,10 +63,22 @@ def _schema_for(kind: str) -> dict:
 
 
 def content_id(data: dict) -> str:
-    """sha256 of the canonical JSON of the manifest's content: kind, version, params, files, totals, input ids."""
+    """sha256 of the canonical JSON of the manifest's content: kind, version, params, files, totals, input ids.
+
+    An external entry (``kdpipe index``) counts by its bytes, sha256 and counts, not its location: the same
+    pool on a disk and in a bucket has one id (every reader re-hashes what the location serves)."""
     body = {key: data.get(key) for key in _ID_FIELDS}
+    if isinstance(body["files"], list):  # an external shard is its bytes, wherever it lives (disk, bucket, URL)
+        body["files"] = [_identity(entry) for entry in body["files"]]
     body["inputs"] = [{"kind": i["kind"], "id": i["id"], "role": i.get("role")} for i in data.get("inputs", [])]
     return sha256_json(body)
+
+
+def _identity(entry: Any) -> Any:
+    """What of a file entry is content: all of it, except the location of an external entry."""
+    if isinstance(entry, dict) and entry.get("external") is True:
+        return {k: v for k, v in entry.items() if k != "path"}
+    return entry
 
 
 def input_ref(manifest: "Manifest", out_dir: Path, role: str | None = None) -> dict:
@@ -81,7 +94,7 @@ def build(kind: str, *, stage: str, params: dict, files: list[dict], totals: dic
           inputs: list[dict] | None = None, config_hash: str | None = None) -> dict:
     """Return a complete manifest dict (with its content id) for ``kind``."""
     for entry in files:
-        check_entry(entry["path"], f"new {kind} manifest")
+        check_file(entry, kind, stage, f"new {kind} manifest")
     data: dict[str, Any] = {
         "kind": kind,
         "schema_version": schema_version_of(kind),
@@ -141,23 +154,44 @@ class Manifest:
     folder = property(lambda self: self.path.parent)
 
     def file_path(self, entry: dict) -> Path | str:
-        """Local path (checked to stay in the folder) or URL of one file entry."""
-        return resolve_entry(self.folder, entry["path"], str(self.path))
+        """Local path (checked to stay in the folder, unless the entry is external) or URL of one file entry."""
+        return resolve_file(self.folder, entry, str(self.path))
+
+    @staticmethod
+    def is_external(entry: dict) -> bool:
+        """True for an entry ``kdpipe index`` made: a shard where it already lives, re-hashed by every reader."""
+        return bool(entry.get("external"))
 
     def input_ids(self, kind: str | None = None) -> list[str]:
         """Ids of the inputs, optionally of one kind."""
         return [i["id"] for i in self.inputs if kind is None or i["kind"] == kind]
 
 
-def load(path: str | Path, kind: str | None = None) -> Manifest:
+class RemoteManifest(Manifest):
+    """A manifest that lives in object storage: its relative entries are objects under its prefix."""
+
+    def file_path(self, entry: dict) -> Path | str | RemotePath:
+        if entry.get("external"):
+            return resolve_file(Path("/"), entry, str(self.path))
+        check_entry(entry["path"], str(self.path))
+        return self.folder / entry["path"]
+
+
+def load(path: str | Path, kind: str | None = None, remote_ok: bool = False) -> Manifest:
     """Load and validate a manifest (JSON, schema, version, id, every file path) before any work starts.
 
     Args:
-        path: the manifest file, or a folder holding ``manifest.json``.
+        path: the manifest file, or a folder holding ``manifest.json``; with ``remote_ok``, also an object URL
+            or prefix (``s3://b/run/logits``).
         kind: the expected kind; another kind is refused.
+        remote_ok: the caller reads ``RemotePath`` entries (``verify``); other readers refuse a URL by name.
     """
-    path = Path(path)
-    if path.is_dir():
+    loc = classify(str(path))
+    if loc.remote and not remote_ok:
+        raise ManifestError(f"{loc.target}: a manifest in object storage is read by `kdpipe verify` only; copy "
+                            "the prefix to a folder (or mount the bucket) to use it as a stage input")
+    path = RemotePath(loc.target) if loc.remote else Path(path)
+    if (path.name != MANIFEST_NAME) if isinstance(path, RemotePath) else path.is_dir():
         path = path / MANIFEST_NAME
     try:
         data = json.loads(path.read_bytes())
@@ -170,8 +204,9 @@ def load(path: str | Path, kind: str | None = None) -> Manifest:
         raise ManifestError(f"{path}: is a {data['kind']!r} manifest, expected {kind!r}")
     if content_id(data) != data["id"]:
         raise ManifestError(f"{path}: field 'id' does not match the manifest's content (edited or corrupted)")
-    manifest = Manifest(path, data)
+    manifest = (RemoteManifest if isinstance(path, RemotePath) else Manifest)(path, data)
     for entry in data["files"]:
+        check_file(entry, data["kind"], data["producer"].get("stage"), str(path))
         manifest.file_path(entry)
     return manifest
 

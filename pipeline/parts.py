@@ -4,6 +4,11 @@
 and the folder fsynced; then ``DIR/_parts/part-000123.json`` (the receipt) is written the same way. A part
 without a valid receipt does not exist. Receipts carry the stage's fingerprint: a folder never mixes parts
 made with different parameters.
+
+A receipt names its fingerprint by hash, stage and code version only; the parameters themselves (class names,
+per-class quotas: lists as long as the class count) are kept once per folder in ``_parts/_fingerprint-<hash>.json``
+(and once in the manifest), so a receipt's size does not grow with the class count. Receipts also record the
+part's samples, seconds, samples/s and finish time (``kdpipe status`` derives throughput and an ETA from them).
 """
 
 from __future__ import annotations
@@ -21,13 +26,15 @@ from typing import Callable
 
 from pipeline import __version__
 from pipeline.atomic import publish, remove_stale_temps, staged, write_atomic
-from pipeline.errors import FingerprintMismatch, IntegrityError, PartFailed
+from pipeline.errors import STOP_TASK_ERRNOS, FingerprintMismatch, IntegrityError, PartFailed, named_os_error
 from pipeline.hashing import sha256_file, sha256_json
 from pipeline.signals import critical, fault_point
 
 log = logging.getLogger(__name__)
 RECEIPTS = "_parts"
 PLAN_NAME = "_plan.json"
+FINGERPRINT_PREFIX = "_fingerprint-"
+RECEIPT_FINGERPRINT = ("hash", "stage", "code_version")  # what a receipt keeps of the fingerprint
 
 
 def part_name(index: int) -> str:
@@ -36,7 +43,7 @@ def part_name(index: int) -> str:
 
 
 def fingerprint(stage: str, params: dict, code_version: str) -> dict:
-    """The parameters that change a stage's output, and their hash (stored in every receipt)."""
+    """The parameters that change a stage's output, and their hash (named by every receipt, kept once per folder)."""
     body = {"stage": stage, "code_version": code_version, "params": params}
     return {"hash": sha256_json(body), **body}
 
@@ -49,6 +56,7 @@ class PartResult:
     failures: dict[str, list[str]] = field(default_factory=dict)
     input: dict | None = None
     extra: dict = field(default_factory=dict)
+    samples: int | None = None  # input samples the part accounts for (default: its rows + failures)
 
 
 class PartStore:
@@ -79,8 +87,12 @@ class PartStore:
 
     def prepare(self) -> None:
         """Create the folders, refuse a foreign fingerprint, remove temps of dead writers."""
-        self.receipts_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.receipts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # read-only filesystem, no permission: named before any work (rc 2)
+            raise (named_os_error(exc) or exc) from None
         self.check_fingerprint()
+        self._record_fingerprint()
         removed = remove_stale_temps(self.out_dir) + remove_stale_temps(self.receipts_dir)
         if removed:
             log.info("%s: removed %d stale temp file(s) of killed writers", self.out_dir, removed)
@@ -89,6 +101,18 @@ class PartStore:
         """Every readable receipt in the folder, by part index (one scandir, one read each)."""
         return scan_folder(self.out_dir).receipts
 
+    def fingerprint_path(self, fp_hash: str) -> Path:
+        return self.receipts_dir / f"{FINGERPRINT_PREFIX}{fp_hash}.json"
+
+    def _record_fingerprint(self) -> None:
+        """Keep the full fingerprint once in the folder (content-addressed: every writer writes the same bytes)."""
+        path = self.fingerprint_path(self.fp["hash"])
+        if not path.exists():
+            try:
+                write_atomic(path, json.dumps(self.fp, indent=1, sort_keys=True).encode())
+            except OSError as exc:  # informational only (it names the differing parameters of a refusal)
+                log.warning("%s: could not record the fingerprint (%s)", path, exc)
+
     def check_fingerprint(self) -> None:
         """Raise ``FingerprintMismatch`` if any receipt was made with other parameters."""
         for index, receipt in sorted(self.receipts().items()):
@@ -96,8 +120,12 @@ class PartStore:
             if theirs.get("hash") != self.fp["hash"]:
                 raise FingerprintMismatch(
                     f"{self.out_dir}: {part_name(index)} was made with other parameters "
-                    f"({_fp_diff(theirs, self.fp)}); parts are never mixed. Write to a new --out folder, "
+                    f"({_fp_diff(self._full(theirs), self.fp)}); parts are never mixed. Write to a new --out folder, "
                     f"or delete {self.out_dir} to recompute.")
+
+    def _full(self, theirs: dict) -> dict:
+        """A receipt's fingerprint with its params (from the folder's fingerprint file when the receipt has none)."""
+        return full_fingerprint(self.out_dir, theirs) or theirs
 
     def committed(self, index: int, verify: bool = True) -> dict | None:
         """The part's receipt if it is committed (receipt valid, file size and sha256 match), else None."""
@@ -130,8 +158,8 @@ class PartStore:
             with staged(final) as tmp:
                 result = write(tmp)
         except OSError as exc:  # ENOSPC, EIO...: name the part; the temp is already removed
-            raise PartFailed(f"{final}: {exc}; nothing was published (free space or fix the disk, then rerun)",
-                             "no_space" if exc.errno == errno.ENOSPC else "os_error") from exc
+            _stop_on_unwritable(exc, final)
+            raise _os_failure(final, exc) from exc
         try:
             fault_point("part.written")
             rows = self._validate(index, tmp, result)
@@ -151,12 +179,16 @@ class PartStore:
 
     def _receipt(self, index: int, tmp: Path, rows: int, result: PartResult, task: dict | None,
                  seconds: float) -> dict:
+        failure_count = sum(len(v) for v in result.failures.values())
+        samples = rows + failure_count if result.samples is None else int(result.samples)
         return {
             "part": index, "file": self.part_path(index).name, "rows": rows,
             "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "input": result.input,
             "failures": {k: sorted(v) for k, v in sorted(result.failures.items()) if v},
-            "failure_count": sum(len(v) for v in result.failures.values()),
-            "fingerprint": self.fp, "seconds": round(seconds, 3), "host": socket.gethostname(),
+            "failure_count": failure_count, "samples": samples,
+            "fingerprint": {k: self.fp[k] for k in RECEIPT_FINGERPRINT}, "seconds": round(seconds, 3),
+            "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
+            "finished_at": round(time.time(), 3), "host": socket.gethostname(),
             "task": task or {}, "kdpipe_version": __version__, "extra": result.extra,
         }
 
@@ -172,7 +204,11 @@ class PartStore:
             publish(tmp, self.part_path(index))
             fault_point("part.published")
             body = json.dumps(receipt, indent=1, sort_keys=True).encode()
-            write_atomic(self.receipt_path(index), body)
+            try:
+                write_atomic(self.receipt_path(index), body)
+            except OSError as exc:  # no receipt, so the part must go too: a part without one does not exist
+                self.part_path(index).unlink(missing_ok=True)
+                raise _os_failure(self.part_path(index), exc) from exc
             fault_point("part.receipt")
             self.failure_path(index).unlink(missing_ok=True)
         return receipt
@@ -212,6 +248,19 @@ class PartStore:
         return out
 
 
+def _os_failure(final: Path, exc: OSError) -> PartFailed:
+    """The named failure of a part whose file or receipt could not be written (ENOSPC, EIO...)."""
+    return PartFailed(f"{final}: {exc}; nothing was published (free space or fix the disk, then rerun)",
+                      "no_space" if exc.errno == errno.ENOSPC else "os_error")
+
+
+def _stop_on_unwritable(exc: OSError, final: Path) -> None:
+    """Raise a named ``OutputError`` (which stops the task) when the output folder itself cannot be written
+    (read-only, no permission): every later part would fail the same way. Errors of inputs go on as a part's."""
+    if exc.errno in STOP_TASK_ERRNOS and exc.filename and final.parent in (Path(exc.filename), Path(exc.filename).parent):
+        raise named_os_error(exc, final) from None
+
+
 @dataclass
 class FolderScan:
     """What one scandir of a stage folder's ``_parts`` shows: receipts, failure records, the plan."""
@@ -240,6 +289,15 @@ def scan_folder(out_dir: Path) -> FolderScan:
     for index in scan.receipts:
         scan.failures.pop(index, None)
     return scan
+
+
+def full_fingerprint(out_dir: Path, receipt_fp: dict) -> dict | None:
+    """The whole fingerprint (with ``params``) that a receipt of ``out_dir`` names; None if it is not kept."""
+    if "params" in receipt_fp:  # receipts of older kdpipes carried it whole
+        return receipt_fp
+    if not isinstance(receipt_fp.get("hash"), str):
+        return None
+    return _read_json(Path(out_dir) / RECEIPTS / f"{FINGERPRINT_PREFIX}{receipt_fp['hash']}.json")
 
 
 def _read_json(path: Path) -> dict | None:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pipeline import manifest as mf
-from pipeline.errors import KdpipeError, ManifestError, PartFailed
-from pipeline.log import progress
+from pipeline.errors import KdpipeError, ManifestError, OutputError, PartFailed
 from pipeline.parts import PartStore, part_name
+from pipeline.progress import Progress, receipt_samples
 from pipeline.signals import check_stop, install_stop_handler, stop_requested
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def task_info(task_index: int, num_tasks: int) -> dict:
 
 def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], *,
               max_attempts: int = 3, retry_failed: bool = False, desc: str = "parts",
-              num_parts: int | None = None) -> TaskReport:
+              num_parts: int | None = None, part_samples: Callable[[int], int] | None = None,
+              done_before: int = 0) -> TaskReport:
     """Commit every part in ``indices`` that is not committed yet.
 
     A pre-timeout signal (``SIGUSR1``, see ``pipeline.signals``) stops the task between parts (or abandons the
@@ -60,8 +61,10 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
         produce: commits part ``index`` (through ``store.commit``) and returns its receipt.
         max_attempts: a part that failed this many times is skipped until ``retry_failed``.
         retry_failed: try parts again that reached ``max_attempts``.
-        desc: label of the progress bar.
+        desc: what the progress bar / progress lines call the task (``pipeline.progress``).
         num_parts: the stage's total part count, recorded for ``kdpipe status`` (optional).
+        part_samples: the samples of part ``index``, when known before it runs (a better ETA).
+        done_before: parts of the task the caller already found done (not in ``indices``; shown as done).
     """
     if not stop_requested():
         install_stop_handler()
@@ -71,30 +74,48 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
     report = TaskReport()
     failures = store.failures()
     indices = list(indices)
-    for index in progress(indices, desc=desc, total=len(indices), unit="part"):
-        check_stop(f"{store.out_dir} before {part_name(index)}")
-        if store.committed(index) is not None:
-            report.skipped.append(index)
-        elif not retry_failed and failures.get(index, {}).get("attempts", 0) >= max_attempts:
-            log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
-                      part_name(index), failures[index]["attempts"], failures[index].get("message"))
-            report.given_up.append(index)
-        else:
-            _attempt(store, index, produce, report)
+    samples_of = part_samples or (lambda _index: 0)
+    expected = None if part_samples is None else sum(map(part_samples, indices))
+    with Progress(desc, len(indices) + done_before, expected, done=done_before) as shown:
+        for index in indices:
+            check_stop(f"{store.out_dir} before {part_name(index)}")
+            if _done_or_given_up(store, index, failures.get(index, {}), max_attempts, retry_failed, report):
+                shown.skip(samples_of(index))
+            else:
+                shown.part_done(_attempt(store, index, produce, report))
     log.info("%s: %d committed, %d already done, %d failed, %d given up", store.out_dir,
              len(report.committed), len(report.skipped), len(report.failed), len(report.given_up))
     return report
 
 
-def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], report: TaskReport) -> None:
+def _done_or_given_up(store: PartStore, index: int, failure: dict, max_attempts: int, retry_failed: bool,
+                      report: TaskReport) -> bool:
+    """True (and recorded in ``report``) for a part already committed, or given up after ``max_attempts``."""
+    if store.committed(index) is not None:
+        report.skipped.append(index)
+        return True
+    if not retry_failed and failure.get("attempts", 0) >= max_attempts:
+        log.error("%s: gave up after %d failed attempts (%s); rerun with --retry-failed",
+                  part_name(index), failure["attempts"], failure.get("message"))
+        report.given_up.append(index)
+        return True
+    return False
+
+
+def _attempt(store: PartStore, index: int, produce: Callable[[int], dict], report: TaskReport) -> int | None:
+    """Produce one part; return its samples (from its receipt), or None when it failed."""
     try:
-        produce(index)
+        receipt = produce(index)
         report.committed.append(index)
+    except OutputError:  # the output folder cannot be written at all: stop the task, named (rc 2)
+        raise
     except (PartFailed, KdpipeError, OSError) as exc:
         reason = getattr(exc, "reason", type(exc).__name__)
         store.record_failure(index, reason, str(exc))
         report.failed[index] = str(exc)
         log.error("%s failed (%s): %s", part_name(index), reason, exc)
+        return None
+    return receipt_samples(receipt) if isinstance(receipt, dict) else None
 
 
 def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dict]) -> Path:

@@ -1,12 +1,17 @@
 """``kdpipe verify``: re-hash every file a manifest lists and check sizes, counts and schema.
 
 Kind-specific content checks (e.g. logits indices in range) are passed in by the command layer, so this
-core module knows nothing of stages.
+core module knows nothing of stages. External entries (``kdpipe index``: absolute paths, ``s3://``, ``gs://``,
+``http(s)://``) are streamed through ``pipeline.storage`` and re-hashed like local files; a file that could not
+be read is a problem ("NOT verified"), never intact. ``jobs`` files are checked at once (threads: hashing and
+I/O release the GIL).
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +20,7 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import KdpipeError
 from pipeline.hashing import sha256_file
+from pipeline.storage import RemotePath, open_read, sha256_of
 
 log = logging.getLogger(__name__)
 ContentCheck = Callable[[mf.Manifest, dict, Path], list[str]]
@@ -25,22 +31,32 @@ def parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None) -> list[str]:
+def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None, jobs: int = 1) -> list[str]:
     """Return every problem found in the artifact of manifest ``path`` (empty when it is intact)."""
     try:
-        manifest = mf.load(path)
+        manifest = mf.load(path, remote_ok=True)
     except KdpipeError as exc:
         return [str(exc)]
-    problems = []
-    for entry in manifest.files:
-        problems += _verify_file(manifest, entry, (checks or {}).get(manifest.kind))
-    return problems
+    check = (checks or {}).get(manifest.kind)
+    work = lambda entry: _verify_file(manifest, entry, check)  # noqa: E731
+    if jobs <= 1:
+        results = [work(entry) for entry in manifest.files]
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(work, manifest.files))
+    return [problem for found in results for problem in found]
 
 
 def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None) -> list[str]:
     where = manifest.file_path(entry)
-    if isinstance(where, str):
-        return []  # remote URLs are verified by the stage that streams them
+    if isinstance(where, RemotePath):
+        return _verify_object(manifest, entry, where, check)
+    if isinstance(where, str) or manifest.is_external(entry):
+        return _verify_streamed(manifest, entry, where, check)
+    return _verify_local(manifest, entry, where, check)
+
+
+def _verify_local(manifest: mf.Manifest, entry: dict, where: Path, check: ContentCheck | None) -> list[str]:
     if not where.is_file():
         return [f"{where}: missing"]
     if where.stat().st_size != entry["bytes"]:
@@ -53,6 +69,35 @@ def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None)
     if check is not None:
         problems += check(manifest, entry, where)
     return problems
+
+
+def _verify_streamed(manifest: mf.Manifest, entry: dict, where: Path | str,
+                     check: ContentCheck | None) -> list[str]:
+    """An external or remote file: streamed and re-hashed; unreadable means NOT verified, a problem."""
+    try:
+        digest, size = sha256_of(where)
+    except (OSError, KdpipeError) as exc:
+        return [f"{where}: could not be read, so it is NOT verified ({exc})"]
+    if size != entry["bytes"]:
+        return [f"{where}: {size} bytes, manifest says {entry['bytes']}"]
+    if digest != entry["sha256"]:
+        return [f"{where}: sha256 differs from the manifest (object changed or damaged)"]
+    return check(manifest, entry, where) if check is not None else []
+
+
+def _verify_object(manifest: mf.Manifest, entry: dict, where: RemotePath, check: ContentCheck | None) -> list[str]:
+    """A part of an artifact in object storage: fetched once into a local temp file (hashed as it comes), then
+    checked like a local part; problems name the object."""
+    with tempfile.TemporaryDirectory(prefix="kdpipe-verify-") as tmp:
+        local = Path(tmp) / where.name
+        try:
+            with open_read(str(where)) as stream, open(local, "wb") as out:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    out.write(chunk)
+        except (OSError, KdpipeError) as exc:
+            return [f"{where}: could not be read, so it is NOT verified ({exc})"]
+        problems = _verify_local(manifest, entry, local, check)
+    return [p.replace(str(local), str(where)) for p in problems]
 
 
 def _count_problem(where: Path, count: Callable[[], int], expected: int, what: str) -> list[str]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3_helpers"]  # s3_server (moto_server), http_server (http.server) fixtures
+
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "scancel")
 SLURM_CONF = """\
 ClusterName=kdpipetest

@@ -1,6 +1,7 @@
 """`kdpipe demo`: the whole chain on the bundled digits, end to end, through `kdpipe run` of the bundled config."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,15 @@ def test_short_demo_prints_the_table_and_writes_a_verified_report(short_demo, ca
     assert all(0.0 <= r["top1"] <= 1.0 for r in summary["rows"])
     assert summary["pseudo_label_precision"]["rows"] == 800  # 80 per class x 10 classes
     assert summary["pseudo_label_precision"]["precision"] > 0.5  # far above chance (0.1)
+
+
+def test_short_demo_table_is_the_one_stored_in_the_repo(short_demo):
+    """The install is pinned (constraints.txt), so a fresh clone prints these exact figures (issue 16, case 8)."""
+    expected = json.loads((Path(__file__).parent / "expected" / "short_demo_table.json").read_text())
+    summary = json.loads((short_demo / "report" / "summary.json").read_text())
+    rows = {r["stage"]: {k: r[k] for k in ("top1", "top5", "teacher_agreement")} for r in summary["rows"]}
+    assert rows == expected["rows"]
+    assert summary["pseudo_label_precision"]["precision"] == expected["pseudo_label_precision"]
 
 
 def test_hidden_labels_never_reach_a_stage(short_demo):

@@ -79,7 +79,7 @@ def test_repeated_keys_are_counted_failures(tmp_path):
 
 def test_unsafe_and_odd_names(tmp_path):
     members = [("../../etc/x.jpg", b"1"), ("/abs/y.jpg", b"2"), ("img.v2.jpg", b"3"), ("noext", b"4"),
-               ("dir/ok.jpg", b"5"), ("k" * 300 + ".jpg", b"6"), ("caf\udce9.jpg".encode("utf-8", "surrogateescape").decode("latin-1"), b"7")]
+               ("dir/ok.jpg", b"5"), ("k" * 300 + ".jpg", b"6"), ("caf\udce9.jpg", b"7"), ("café.jpg", b"8")]
     link = tarfile.TarInfo("link.jpg")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     folder = tarfile.TarInfo("folder")
@@ -87,7 +87,8 @@ def test_unsafe_and_odd_names(tmp_path):
     samples, stats = _read(_tar(tmp_path / "s.tar", members, extra=[link, folder]))
     keys = [k for k, _ in samples]
     assert "img" in keys and dict(samples)["img"] == {"v2.jpg": b"3"}  # key up to the first dot
-    assert "dir/ok" in keys and "k" * 300 in keys
+    assert "dir/ok" in keys and "k" * 300 in keys and "café" in keys  # a UTF-8 name is a key as it is
+    assert stats.failures["unsafe_key"][-1] == "caf\udce9"  # bytes that are not UTF-8 are not
     assert set(stats.failures) == {"unsafe_key", "bad_member_name"}
     assert "../../etc/x" in stats.failures["unsafe_key"] and "/abs/y" in stats.failures["unsafe_key"]
     assert stats.failures["bad_member_name"] == ["noext"]

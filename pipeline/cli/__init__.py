@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline import __version__
@@ -18,6 +19,7 @@ from pipeline.cli.commands import (
     demo,
     evaluate,
     export,
+    index,
     ingest,
     logits,
     reshard,
@@ -31,11 +33,13 @@ from pipeline.cli.commands import (
     train,
     verify,
 )
-from pipeline.errors import KdpipeError
+from pipeline.cli.commands.common import refuse_remote_out
+from pipeline.errors import KdpipeError, named_os_error
 from pipeline.log import setup_logging
+from pipeline.progress import INTERVAL_ENV
 
 log = logging.getLogger("kdpipe")
-COMMANDS = (ingest, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
+COMMANDS = (ingest, index, teacher, logits, dedup, select, reshard, train, evaluate, run, submit, status, verify, demo,
             check_views, sweep, show, export)
 
 
@@ -45,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and billion-scale semi-supervised learning.")
     parser.add_argument("--version", action="version", version=f"kdpipe {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--progress-interval", type=float, metavar="S", help="seconds between progress lines "
+                        f"when stderr is not a terminal (default: ${INTERVAL_ENV} or 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -56,10 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if args.progress_interval is not None:  # through the environment, so that child processes follow it
+        os.environ[INTERVAL_ENV] = str(args.progress_interval)
     try:
+        refuse_remote_out(args)
         return int(args.func(args) or 0)
     except KdpipeError as exc:
         log.error("%s", exc)
+        return 2
+    except OSError as exc:  # read-only, no permission, no space, symlink loop: named, rc 2 (never a traceback)
+        named = named_os_error(exc)
+        if named is None:
+            raise
+        log.error("%s", named)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

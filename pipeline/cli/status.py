@@ -4,7 +4,8 @@ Per output folder: parts committed / total (one scandir of ``_parts``: receipts,
 ``_plan.json``; the total comes from the plan or the manifest), failed parts with reason, message and attempts,
 and the manifest (missing, valid, or fully re-hashed with ``verify=True``). Per stage: the SLURM state of the
 jobs ``kdpipe submit`` recorded in ``RUN_DIR/jobs.json``, from ``squeue`` (live) and ``scontrol show job``
-(recently finished), when those commands exist.
+(recently finished), when those commands exist. Per folder with receipts: samples, samples/s and, while parts
+are missing, an ETA (``pipeline.progress.throughput``: from the receipts' seconds and finish times).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.cli.submit import load_submissions
 from pipeline.config import RESOLVED_NAME, Config, Stage, load_config, load_resolved
 from pipeline.errors import KdpipeError
 from pipeline.parts import RECEIPTS, part_name, scan_folder
+from pipeline.progress import format_eta, throughput
 from pipeline.verify import verify
 
 Runner = Callable[[list[str]], str]
@@ -38,6 +40,7 @@ class FolderStatus:
     manifest_id: str | None = None
     problems: list[str] = field(default_factory=list)
     has_parts: bool = True  # False for stages that write no parts (teacher, train, evaluate)
+    throughput: dict | None = None  # samples, samples/s, ETA from the receipts (pipeline.progress.throughput)
 
 
 @dataclass
@@ -74,6 +77,10 @@ def folder_status(folder: Path, verify_files: bool = False, checks: dict | None 
     manifest_path = folder / mf.MANIFEST_NAME
     if manifest_path.is_file():
         _manifest_state(status, manifest_path, verify_files, checks)
+    if scan.receipts:
+        timed = [(r, r.get("finished_at") if isinstance(r.get("finished_at"), (int, float)) else None)
+                 for r in scan.receipts.values()]
+        status.throughput = throughput(timed, status.total)
     return status
 
 
@@ -164,7 +171,16 @@ def format_table(statuses: list[StageStatus]) -> str:
                 lines.append(f"    {part_name(index)} FAILED x{fail.get('attempts')} "
                              f"({fail.get('reason')}): {fail.get('message')}")
             lines += [f"    problem: {p}" for p in folder.problems[:5]]
+            lines += [_throughput_line(folder.throughput)] if folder.throughput else []
         for job in stage.jobs:
             shown = " ".join(f"{k}:{v}" for k, v in job["states"].items()) or "-"
             lines.append(f"    slurm {job['role']:<9} job {job['job_id']:<10} {shown}")
     return "\n".join(lines)
+
+
+def _throughput_line(figures: dict) -> str:
+    """``    throughput: 1234 samples, 56.7 samples/s (28.4 per task), busy 0:00:21, ETA 0:01:05``."""
+    rate, per_task = figures["samples_per_s"], figures["part_samples_per_s"]
+    line = (f"    throughput: {figures['samples']} samples, {'?' if rate is None else rate} samples/s "
+            f"({'?' if per_task is None else per_task} per task), busy {format_eta(figures['busy_seconds'])}")
+    return line + (f", ETA {format_eta(figures['eta_s'])}" if figures["eta_s"] is not None else "")

@@ -32,6 +32,7 @@ from pipeline.atomic import write_atomic
 from pipeline.config import Config, apply_overrides, config_from_dict, references, rename_refs, validate_config
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
+from pipeline.safe_yaml import read_yaml_file
 
 SWEEP_KEY = "x-sweep"
 PLAN_NAME = "sweep.yaml"
@@ -108,12 +109,7 @@ def experiment_path(name: str) -> Path:
 
 def read_raw(path: Path, overrides: list[str]) -> dict:
     """The config file as a mapping, ``--set`` overrides applied, validated (not yet resolved)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such config file") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(f"{path}: not a readable YAML config: {exc}") from None
+    raw = read_yaml_file(path)  # size- and alias-limited
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a config must be a YAML mapping with a 'stages' key")
     raw = apply_overrides(raw, overrides)

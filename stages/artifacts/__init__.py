@@ -14,6 +14,7 @@ A stage package imports these, never another stage package. Nothing here runs a 
 | ``parquet`` | deterministic Parquet writing; opening a Parquet file or raising a named error |
 | ``reports`` | figures, PNG bytes, publishing a report folder with its ``report`` manifest |
 | ``checks`` | ``kdpipe verify``'s content checks per manifest kind |
+| ``dataset_check`` | verify's dataset check: shard sample counts, a key twice in a shard or in two shards |
 | ``targets`` | soft targets at any temperature from top-K storage (sparse / dense, residual policy) |
 | ``sidecars`` | files beside a manifest for other tools (HF dataset card, timm ``_info.json``) and their check |
 | ``describe`` | ``kdpipe show``: an artifact in words |

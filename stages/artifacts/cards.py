@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline import manifest as mf
@@ -39,7 +40,7 @@ def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
         raise InputError(f"{path}: sha256 {actual} differs from the pinned {expected_sha256}; "
                          "refusing to load it (check the file, or the pin in your config)")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends: refused, never executed
@@ -50,6 +51,15 @@ def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"{path}: does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; ``InputError`` naming the file when it is not one (e.g. "header too large")."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise InputError(f"{path}: not a valid safetensors file ({exc}); give the weights file itself, "
+                         "not a download page, a truncated copy or another format") from None
 
 
 def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: list[str], preprocess: Preprocess,
@@ -92,7 +102,7 @@ def load_classifier(card: str | Path, device: str | torch.device = "cpu",
     if sha256_file(weights) != manifest.params["weights_sha256"]:
         raise InputError(f"{weights}: sha256 differs from the teacher card {manifest.path}; refusing to load")
     model = build_model(manifest.params["arch"], manifest.params["num_classes"])
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    model.load_state_dict(load_safetensors(weights), strict=True)
     return model.to(device).eval(), manifest
 
 

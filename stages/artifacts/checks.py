@@ -21,14 +21,14 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError
-from pipeline.verify import ContentCheck, count_check
+from pipeline.verify import ContentCheck
+from stages.artifacts.dataset_check import check_dataset_part
 from stages.artifacts.exclusion import check_exclusion_part
 from stages.artifacts.logits_format import LSE1, READ_VERSIONS, fixed_list_to_numpy, index_type, read_metadata
 from stages.artifacts.logits_reader import AGREEING, row_faults
 from stages.artifacts.parquet import open_parquet
 from stages.artifacts.selection import check_selection_part
 from stages.artifacts.sidecars import sidecar_problems
-from stages.shardio import count_samples
 
 _BATCH_ROWS = 65536
 _MAX_PROBLEMS = 5
@@ -149,6 +149,6 @@ def plus_sidecars(check: ContentCheck | None) -> ContentCheck:
     return run
 
 
-_PER_FILE = {"dataset": count_check(count_samples, "samples", "samples"), "logits": check_logits_part,
+_PER_FILE = {"dataset": check_dataset_part, "logits": check_logits_part,
              "selection": check_selection_part, "exclusion": check_exclusion_part}
 CHECKS = {kind: plus_sidecars(check) for kind, check in _PER_FILE.items()}

@@ -106,6 +106,14 @@ class SelectionRows:
                                  f"{self.manifest.totals['rows']}")
         return counts
 
+    def label_counts(self, num_classes: int) -> np.ndarray:
+        """Selected rows per label, in one streaming scan of the label column (memory O(classes))."""
+        counts = np.zeros(num_classes, dtype=np.int64)
+        for batch in self._batches(["label"]):
+            labels = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+            counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+        return counts
+
     def rows_in(self, low: int, high: int) -> pa.Table:
         """Every row whose source shard is in ``[low, high)``, in one streaming scan."""
         kept = []

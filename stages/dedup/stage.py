@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
+from pipeline.progress import advance
 from pipeline.tasks import file_entries, finalize, run_parts
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import REASONS
@@ -128,7 +129,7 @@ def _write(tmp: Path, pool: LogitsSet, ref: LogitsSet | None, threshold: float, 
     extra = {reason: reasons.count(reason) for reason in REASONS}
     log.info("dedup: %d query images, %d contaminated, %d near-duplicates", len(keys), extra["contaminated"],
              extra["near_duplicate"])
-    return PartResult(expected_rows=table.num_rows, extra=extra)
+    return PartResult(expected_rows=table.num_rows, extra=extra, samples=len(keys))
 
 
 def _none(n: int) -> tuple[np.ndarray, np.ndarray, pa.Array]:
@@ -160,6 +161,7 @@ def near_pairs(matrix: np.ndarray, threshold: float, neighbors: int,
     found = []
     for start in range(0, len(matrix), batch_rows):
         sim, idx = index.search(matrix[start:start + batch_rows], k)
+        advance(len(sim))  # query images searched: the task's live progress
         own = np.arange(start, start + len(sim))[:, None]
         hit = (sim >= threshold) & (idx != own) & (idx >= 0)
         r, c = np.nonzero(hit)

@@ -37,7 +37,7 @@ from stages.evaluate.report import (
     report_json,
 )
 from stages.logits.stage import check_card_against_data, compute_logits  # the one declared cross-stage import
-from stages.shardio import ShardStats, read_shard
+from stages.shardio import ShardStats, read_shard, with_cls
 
 log = logging.getLogger(__name__)
 LOGITS_DIR = "logits"
@@ -84,8 +84,13 @@ class Labels:
         entry = self.data.files[shard]
         path = self.data.file_path(entry)
         stats = ShardStats(str(path))
-        return {key: int(fields["cls"]) for key, fields in read_shard(path, stats, entry["sha256"], entry["samples"])
-                if "cls" in fields}
+        label_from, names = self.data.params.get("label_from"), self.data.params.get("class_names") or ()
+        labels = {}
+        for key, fields in read_shard(path, stats, entry["sha256"], entry["samples"]):
+            fields = with_cls(fields, label_from, names)
+            if "cls" in fields:
+                labels[key] = int(fields["cls"])
+        return labels
 
 
 def _check_labels_file(path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import manifest as mf
@@ -23,6 +24,7 @@ from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import failure_totals, file_entries, finalize, run_parts, task_info
+from stages.ingest.drift import check_drift
 from stages.ingest.options import IngestOptions
 from stages.ingest.sources import Item, discover
 from stages.ingest.stage import CODE_VERSION, _write_part, plan_shards
@@ -73,10 +75,11 @@ def ingest_grown(src: str, out: Path, base: str | Path, *, shard_size: int = Ing
         if index < len(old.files):
             return store.commit(index, _link_base_shard(old, index, new_keys), task_info(task_index, num_tasks))
         chosen = [items[j] for j in new_shards[index - len(old.files)]]
-        return store.commit(index, _write_part(chosen), task_info(task_index, num_tasks))
+        return store.commit(index, _write_part(chosen, out, index), task_info(task_index, num_tasks))
 
-    report = run_parts(store, plan_block(task_index, num_tasks, total), produce, desc="ingest (grow)",
-                       num_parts=total)
+    block = list(plan_block(task_index, num_tasks, total))
+    check_drift(store, items, [range(0)] * len(old.files) + new_shards, block, src)  # base parts: no listing
+    report = run_parts(store, block, produce, desc="ingest (grow)", num_parts=total)
     if report.exit_code:
         raise InputError(f"{out}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(total)):
@@ -88,7 +91,7 @@ def _items_for(old: mf.Manifest, source, src: str) -> tuple[list[Item], list[str
     """The source's items (labels dropped over an unlabeled base) and the grown set's class names."""
     names = list(old.params.get("class_names") or [])
     if not old.params.get("labeled"):
-        return [Item(i.key, i.origin, i.size, i.read, None) for i in source.items], []
+        return [replace(i, label=None) for i in source.items], []
     if not source.labeled or list(source.class_names) != names:
         raise InputError(f"{src}: the base {old.path} is labeled with classes {names[:5]}..., but this source "
                          f"has {list(source.class_names)[:5] if source.labeled else 'no labels'}; grow a labeled "

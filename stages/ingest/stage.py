@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,10 @@ from pipeline.atomic import publish, staged
 from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.imaging import sniff_extension
+from stages.ingest.drift import check_drift, listing_row, write_listing
 from stages.ingest.options import IngestOptions
 from stages.ingest.sources import Item, Source, discover
 from stages.shardio import count_samples, write_shard
@@ -105,12 +107,16 @@ def plan_shards(sizes: list[int], max_count: int, max_bytes: int) -> list[range]
     return shards
 
 
-def _to_sample(item: Item) -> dict:
-    """Read an item into a webdataset sample; raise ``InputError`` with its reason for a bad file."""
+def _read(item: Item) -> tuple[bytes | None, str | None]:
+    """An item's bytes, or None and the reason it could not be read."""
     try:
-        data = item.read()
+        return item.read(), None
     except OSError as exc:
-        raise InputError(f"unreadable_file: {exc}") from None
+        return None, f"unreadable_file: {exc}"
+
+
+def _to_sample(item: Item, data: bytes) -> dict:
+    """An item's bytes as a webdataset sample; raise ``InputError`` with its reason for a bad file."""
     ext = sniff_extension(data)
     if ext is None:
         raise InputError("not_an_image: the bytes are not JPEG, PNG, GIF, BMP or WEBP")
@@ -120,20 +126,28 @@ def _to_sample(item: Item) -> dict:
     return sample
 
 
-def _write_part(items: list[Item]):
+def _write_part(items: list[Item], out_dir: Path | None = None, index: int | None = None):
+    """Writer of one shard; with ``out_dir`` and ``index`` it also publishes the part's source listing
+    (``stages.ingest.drift``), which the receipt's input names with its sha256."""
     def write(tmp: Path) -> PartResult:
         failures: dict[str, list[str]] = {}
-        samples = []
+        samples, rows = [], []
         for item in items:
+            data, error = _read(item)
+            rows.append(listing_row(item, data))
             try:
-                samples.append(_to_sample(item))
+                if error is not None:
+                    raise InputError(error)
+                samples.append(_to_sample(item, data))
             except InputError as exc:
                 reason = str(exc).split(":", 1)[0]
                 failures.setdefault(reason, []).append(item.origin)
                 log.warning("skipped %s: %s", item.origin, exc)
+            advance(1)  # the task's live progress
         write_shard(tmp, iter(samples))
+        listing = write_listing(out_dir, index, rows) if out_dir is not None else {}
         return PartResult(expected_rows=len(samples), failures=failures,
-                          input={"items": len(items), "first": items[0].origin if items else None})
+                          input={"items": len(items), "first": items[0].origin if items else None, **listing})
     return write
 
 
@@ -178,25 +192,45 @@ def ingest(src: str, out: Path, *, shard_size: int = IngestOptions.shard_size,
 def _ingest_group(source: Source, items: list[Item], folder: Path, params: dict, hide: bool,
                   task_index: int, num_tasks: int, do_finalize: bool) -> Path | None:
     if hide:
-        items = [Item(i.key, i.origin, i.size, i.read, None) for i in items]
+        items = [replace(i, label=None) for i in items]
     shards = plan_shards([i.size for i in items], params["shard_size"], params["shard_bytes"])
     store = PartStore(folder, ".tar", fingerprint("ingest", params, CODE_VERSION), count_samples)
-    produce = lambda index: store.commit(index, _write_part([items[j] for j in shards[index]]),
+    produce = lambda index: store.commit(index, _write_part([items[j] for j in shards[index]], folder, index),
                                          task_info(task_index, num_tasks))
-    report: TaskReport = run_parts(store, plan_block(task_index, num_tasks, len(shards)), produce, desc="ingest",
-                                   num_parts=len(shards))
+    block = list(plan_block(task_index, num_tasks, len(shards)))
+    check_drift(store, items, shards, block, params["source"])  # a changed source is refused before any part
+    report: TaskReport = run_parts(store, block, produce, desc="ingest", num_parts=len(shards),
+                                   part_samples=lambda index: len(shards[index]))
     if report.exit_code:
-        raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed; see the log")
+        first = next(iter(report.failed.values()), "given up after repeated failures")
+        raise InputError(f"{folder}: {len(report.failed) + len(report.given_up)} shard(s) failed, first: {first}; "
+                         "see the log")
     if not do_finalize or any(store.committed(i, verify=False) is None for i in range(len(shards))):
         return None
     names = source.class_names if source.labeled and not hide else []
     manifest_params = {**params, "labeled": bool(names), "source_kind": source.kind,
                        "class_names": names, "num_classes": len(names)}
-    build = lambda receipts: mf.build(
-        "dataset", stage="ingest", params=manifest_params, files=file_entries(receipts, "samples"),
-        totals={"samples": sum(r["rows"] for r in receipts), "failures": failure_totals(receipts),
-                "classes": len(names)})
+    def build(receipts: list[dict]) -> dict:
+        samples, failures = sum(r["rows"] for r in receipts), failure_totals(receipts)
+        if samples == 0:
+            raise InputError(f"{params['source']}: not one of its {len(items)} file(s) is a readable image "
+                             f"(failures: {failures}); a dataset of 0 samples is refused. Check the source")
+        return mf.build("dataset", stage="ingest", params=manifest_params, files=file_entries(receipts, "samples"),
+                        totals={"samples": samples, "failures": failures, "classes": len(names),
+                                **skipped_totals(source)})
     return finalize(store, len(shards), build)
+
+
+def skipped_totals(source: Source) -> dict:
+    """``{"skipped": {reason: count}}`` for source entries never read (FIFO, socket, device, broken link);
+    empty when there are none, so that manifests of ordinary sources are unchanged."""
+    if not source.skipped:
+        return {}
+    for reason, paths in sorted(source.skipped.items()):
+        log.warning("skipped %d source entr%s that %s not a regular file (%s): %s", len(paths),
+                    "y" if len(paths) == 1 else "ies", "is" if len(paths) == 1 else "are", reason,
+                    ", ".join(paths[:5]))
+    return {"skipped": {reason: len(paths) for reason, paths in sorted(source.skipped.items())}}
 
 
 def _write_hidden_labels(path: Path, items: list[Item]) -> None:

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.errors import IntegrityError, PartFailed
+from pipeline.progress import advance
 from stages import imaging
 from stages.artifacts.views import with_views
 from stages.logits.data import SKIP, ShardRef
@@ -77,18 +78,20 @@ def assemble_part(records: Iterable[dict], engine: Engine, params: dict, meta: d
         PartFailed: the shard is truncated, unreadable or differs from the manifest.
     """
     window, rows, failures = _Window(engine.compute_batch), PartRows(), {}
-    ends = []
+    ends, done = [], _Done(params["views"]["count"])
     for record in records:
         _add_record(window, record)
         if record["end"] is not None:
             ends.append(record["end"])
         for batch in window.full_batches():
             _run_batch(batch, engine, rows, failures)
+            done.add(len(batch))
     errors = [e["error"] for e in ends if e["error"]]
     if errors:
         raise PartFailed(errors[0][1], errors[0][0])
     for batch in window.rest(max(e["yielded"] for e in ends)):
         _run_batch(batch, engine, rows, failures)
+        done.add(len(batch))
     for end in ends:
         for reason, keys in end["shard_failures"].items():
             failures.setdefault(reason, []).extend(keys)
@@ -100,6 +103,19 @@ def assemble_part(records: Iterable[dict], engine: Engine, params: dict, meta: d
         table = _drop_nonfinite_images(with_views(table, rows.views, AugSpec.from_dict(aug)), failures)
     write_part(table, tmp)
     return table.num_rows, failures
+
+
+class _Done:
+    """Reports images done to the task's live progress (``pipeline.progress``) as compute batches end."""
+
+    def __init__(self, views: int):
+        self.views, self.rows, self.images = max(1, int(views)), 0, 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        images = self.rows // self.views
+        advance(images - self.images)
+        self.images = images
 
 
 def _drop_nonfinite_images(table, failures: dict):

@@ -121,6 +121,7 @@ def _rewriter(base: Base, old_index: int, index: int, entry: dict, params: dict)
                                  "what this kdpipe writes (another code version)")
         write_part(_renumbered(table, index, part_metadata(params, index)), tmp)
         return PartResult(expected_rows=table.num_rows, failures=receipt.get("failures", {}),
+                          samples=int(entry["samples"]),
                           input={"shard": index, "path": entry["path"], "sha256": entry["sha256"],
                                  "samples": entry["samples"]},
                           extra={"reused_from": {"logits_id": old.id, "part": old_index,

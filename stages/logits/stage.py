@@ -26,6 +26,7 @@ import torch
 
 from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, PartFailed
+from pipeline.objstore import ObjectPartStore, finalize_remote, is_remote_out
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
 from pipeline.tasks import failure_totals, file_entries, run_parts, task_info
@@ -34,7 +35,7 @@ from pipeline.verify import parquet_rows
 from stages import imaging
 from stages.artifacts.cards import load_classifier, preprocess_of
 from stages.artifacts.logits_format import SCHEMA_VERSION
-from stages.artifacts.sidecars import with_sidecars
+from stages.artifacts.sidecars import sidecars_for, with_sidecars
 from stages.logits.assemble import assemble_part, recoverable_keys
 from stages.logits.data import PartFeed, ShardBlock, ShardRef, make_loader
 from stages.logits.inference import Engine, compute_mode, resolve_device
@@ -132,9 +133,11 @@ def compute_logits(data_manifest: str | Path, card: str | Path, out: str | Path,
     return finalize_logits(setup, store, base) if finalize else None
 
 
-def _store(setup: Setup) -> PartStore:
-    """The logits folder's part store, fingerprinted by the stage's params and code version."""
-    return PartStore(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
+def _store(setup: Setup) -> PartStore | ObjectPartStore:
+    """The logits folder's part store (an object-store prefix for ``--out s3://...``), fingerprinted by the
+    stage's params and code version."""
+    kind = ObjectPartStore if is_remote_out(setup.out) else PartStore
+    return kind(setup.out, ".parquet", fingerprint("logits", setup.params, CODE_VERSION), parquet_rows)
 
 
 def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, topk: int, temperature: float,
@@ -163,7 +166,7 @@ def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, top
               "compute_batch": int(batch_size), "compute": compute_mode(dev, compile_model, gpu_decode)}
     if embeddings:
         params["embedding_dim"] = _embedding_dim(teacher)
-    return Setup(data, teacher, Path(out), params, pp, dev, aug)
+    return Setup(data, teacher, out if is_remote_out(out) else Path(out), params, pp, dev, aug)
 
 
 def check_card_against_data(card: mf.Manifest, data: mf.Manifest) -> imaging.Preprocess:
@@ -217,9 +220,7 @@ def _shard_refs(data: mf.Manifest, indices: list[int]) -> list[ShardRef]:
     refs = []
     for i in indices:
         entry = data.files[i]
-        where = data.file_path(entry)
-        if isinstance(where, str):
-            raise InputError(f"{data.path}: shard {entry['path']} is a URL; the logits stage reads local shards")
+        where = data.file_path(entry)  # a local path or a URL: read_shard streams either and re-hashes it
         refs.append(ShardRef(i, str(where), entry["sha256"], int(entry["samples"])))
     return refs
 
@@ -260,7 +261,8 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
     feed = PartFeed(loader, workers, todo)
     produce = lambda index: store.commit(index, _part_writer(setup, engine, feed, index), task)
     report = run_parts(store, todo, produce, max_attempts=max_attempts, retry_failed=True, desc="logits",
-                       num_parts=len(setup.data.files))
+                       num_parts=len(setup.data.files), part_samples=lambda i: int(setup.data.files[i]["samples"]),
+                       done_before=len(block) - len(todo))
     report.given_up += given_up
     return report
 
@@ -302,7 +304,7 @@ def _part_writer(setup: Setup, engine: Engine, feed: PartFeed, index: int):
             raise IntegrityError(f"{entry['path']}: {rows} rows ({setup.views} per image) + "
                                  f"{accounted - images} failures != {entry['samples']} samples in "
                                  f"{setup.data.path}; nothing was published")
-        return PartResult(expected_rows=rows, failures=failures,
+        return PartResult(expected_rows=rows, failures=failures, samples=int(entry["samples"]),
                           input={"shard": index, "path": entry["path"], "sha256": entry["sha256"],
                                  "samples": entry["samples"]})
     return write
@@ -317,7 +319,7 @@ def finalize_logits(setup: Setup, store: PartStore, base: Base | None = None) ->
     if any(store.committed(i, verify=False) is None for i in range(total)):
         log.info("%s: parts of other tasks are still missing; manifest not written yet", setup.out)
         return None
-    inputs = [mf.input_ref(setup.data, setup.out, "data"), mf.input_ref(setup.card, setup.out, "teacher")]
+    inputs = [_input_ref(setup.data, setup.out, "data"), _input_ref(setup.card, setup.out, "teacher")]
     inputs += [base.input_ref(setup.out)] if base is not None else []
     samples = sum(int(f["samples"]) for f in setup.data.files)
 
@@ -326,7 +328,16 @@ def finalize_logits(setup: Setup, store: PartStore, base: Base | None = None) ->
                   "failures": failure_totals(receipts), "classes": setup.params["num_classes"]}
         return mf.build("logits", stage="logits", params=setup.params, files=file_entries(receipts),
                         totals=totals, inputs=inputs)
+    if isinstance(store, ObjectPartStore):
+        return finalize_remote(store, total, build, sidecars_for)
     return finalize_parts(store, total, with_sidecars(setup.out, build))
+
+
+def _input_ref(manifest: mf.Manifest, out: Path | str, role: str) -> dict:
+    """Lineage entry; from an object-store output, the input's absolute path (informational)."""
+    if not is_remote_out(out):
+        return mf.input_ref(manifest, out, role)
+    return {"kind": manifest.kind, "id": manifest.id, "path": str(manifest.path.resolve()), "role": role}
 
 
 def finalize_only(data_manifest: str | Path, card: str | Path, out: str | Path, **options) -> Path | None:

@@ -17,7 +17,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError
 from stages import imaging
 from stages.imaging import Preprocess, SampleError
-from stages.shardio import ShardStats, parse_label, read_shard
+from stages.shardio import ShardStats, parse_label, read_shard, with_cls
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def _labeled_batches(manifest: mf.Manifest, pp: Preprocess, batch_size: int,
         stats = ShardStats(str(entry["path"]))
         for key, fields in read_shard(manifest.file_path(entry), stats, entry["sha256"], entry.get("samples")):
             try:
-                label = parse_label(fields, num_classes)
+                label = parse_label(with_cls(fields, manifest.params.get("label_from"),
+                                             manifest.params.get("class_names") or ()), num_classes)
                 pixels.append(imaging.centre_view(imaging.find_image(fields), pp))
                 labels.append(label)
             except SampleError as exc:

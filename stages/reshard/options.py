@@ -19,3 +19,6 @@ class ReshardOptions:
     seed: int = option(0, "seed of the shuffle within each output shard")
     decode_check: bool = option(False, "fully decode every selected image (default: check its signature only)")
     max_rows: int = option(1_000_000, "selection rows held in memory at once (memory bound)")
+    keep: str = option("", "other members of each selected sample to carry through, comma-separated (e.g. "
+                           "txt,json: captions, img2dataset metadata); one that would collide with reshard's own "
+                           "members (cls, json, the image) is written as src.<ext>")

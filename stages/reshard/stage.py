@@ -9,6 +9,10 @@ are shuffled with a seed. Every selected row lands exactly once or is a counted 
 (``missing_key``, ``missing_image``, ``not_an_image``, decode reasons, ``missing_soft_targets``,
 ``missing_partner``).
 
+``keep`` (``--keep txt,json``) carries other members of each selected sample through unchanged (captions,
+img2dataset metadata): ``txt`` stays ``txt``; a name reshard writes itself (``cls``, ``json``, image
+extensions) becomes ``src.<ext>`` (``src.json``). A sample without a kept member simply lacks it.
+
 From multi-view logits (docs/views.md) a sample's ``json`` also carries ``"views"``: every stored view's
 parameters and top-K targets, and each mixup partner's original image travels as member ``p<v>.<ext>``
 (view v's partner), so the trainer can rebuild every view exactly without the source dataset.
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,6 +35,7 @@ from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.artifacts.lineage import Lineage, resolve_lineage
 from stages.artifacts.selection import TARGET_COLUMNS, SelectionRows
@@ -95,8 +102,8 @@ class _PartWriter:
     """Writes one output shard: read its source shards once, spool the selected images, shuffle, write."""
 
     def __init__(self, lineage: Lineage, cache: _WaveCache, seed: int, decode_check: bool, temperature: float,
-                 scratch: Path):
-        self.lineage, self.cache, self.seed = lineage, cache, seed
+                 scratch: Path, keep: tuple[str, ...] = ()):
+        self.lineage, self.cache, self.seed, self.keep = lineage, cache, seed, keep
         self.decode_check, self.temperature, self.scratch = decode_check, temperature, scratch
         self.num_classes = int(lineage.selection.params["num_classes"])
         self.multiview = multiview_of(lineage) > 1
@@ -110,11 +117,10 @@ class _PartWriter:
                 samples = self._samples(rows, spool, failures)
                 order = shuffle_order(len(samples), self.seed, part)
                 write_shard(tmp, (_materialise(samples[i], spool) for i in order))
-            per_class = np.bincount([s[4] for s in samples], minlength=self.num_classes)
             shards = sorted({r["shard"] for r in rows})
             return PartResult(expected_rows=len(samples), failures=failures,
                               input={"source_shards": shards, "selected_rows": len(rows)},
-                              extra={"per_class": per_class.tolist()})
+                              extra={"failed_labels": _failed_labels(rows, samples)})
         return write
 
     def _samples(self, rows: list[dict], spool, failures: dict[str, list[str]]) -> list[tuple]:
@@ -125,6 +131,7 @@ class _PartWriter:
             partners = {v["partner"] for rows in views.values() for v in rows if v["partner"] is not None}
             images = self._spool_shard(shard, {r["key"] for r in group} | partners, spool)
             targets = self._targets(shard, group)
+            advance(len(group))  # the task's live progress: this source shard's selected rows
             for row in group:
                 out_key = sample_key(row["key"], row["label"], row["dup"])
                 reason = _row_problem(row["key"], out_key, images, targets, seen)
@@ -134,7 +141,8 @@ class _PartWriter:
                     failures.setdefault(reason, []).append(out_key)
                     continue
                 seen.add(out_key)
-                ext, offset, size = images[row["key"]]
+                ext, offset, size, kept = images[row["key"]]
+                members = members + kept
                 body = targets_json({**row, **targets[row["key"]]}, self.temperature, self.num_classes,
                                     views.get(row["key"]))
                 samples.append((out_key, ext, offset, size, row["label"], body, members))
@@ -177,7 +185,17 @@ class _PartWriter:
         spool.seek(0, 2)
         offset = spool.tell()
         spool.write(data)
-        return (ext, offset, len(data))
+        return (ext, offset, len(data), self._spool_kept(fields, spool))
+
+    def _spool_kept(self, fields: dict[str, bytes], spool) -> list[tuple]:
+        """``(member, offset, size)`` of each ``--keep`` member the sample has (renamed on a collision)."""
+        kept = []
+        for ext in self.keep:
+            if ext in fields:
+                spool.seek(0, 2)
+                kept.append((kept_name(ext), spool.tell(), len(fields[ext])))
+                spool.write(fields[ext])
+        return kept
 
     def _targets(self, shard: int, group: list[dict]) -> dict[str, dict]:
         """Soft targets by key: from the selection's columns, else from the logits part of this shard."""
@@ -211,9 +229,25 @@ def _partner_members(views: list[dict] | None, images: dict) -> list[tuple] | No
         if not isinstance(found, tuple):
             return None
         if found:
-            ext, offset, size = found
+            ext, offset, size = found[:3]
             members.append((f"p{record['view']}.{ext}", offset, size))
     return members
+
+
+OWN_MEMBERS = ("cls", "json", *IMAGE_EXTENSIONS)
+
+
+def parse_keep(text: str) -> tuple[str, ...]:
+    """``txt,json`` -> ("txt", "json"); ``InputError`` for a name that is not a member extension."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if not re.fullmatch(r"[a-z0-9_][a-z0-9_.-]*", n) or n.startswith("p") and n[1:2].isdigit()]
+    if bad:
+        raise InputError(f"--keep {text!r}: {bad[0]!r} is not a member extension (e.g. txt,json)")
+    return names
+
+
+def kept_name(ext: str) -> str:
+    return f"src.{ext}" if ext in OWN_MEMBERS else ext
 
 
 def _materialise(sample: tuple, spool) -> dict:
@@ -234,7 +268,8 @@ def multiview_of(lineage: Lineage) -> int:
 def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None = ReshardOptions.data,
             shard_size: int = ReshardOptions.shard_size, shard_bytes: int = ReshardOptions.shard_bytes,
             seed: int = ReshardOptions.seed, decode_check: bool = ReshardOptions.decode_check,
-            max_rows: int = ReshardOptions.max_rows, task_index: int = 0, num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
+            max_rows: int = ReshardOptions.max_rows, keep: str = ReshardOptions.keep, task_index: int = 0,
+            num_tasks: int = 1, retry_failed: bool = False, max_attempts: int = 3,
             do_finalize: bool = True, finalize_only: bool = False) -> ReshardResult:
     """Write the selection's samples as training shards in ``out``; finalize when every part is committed.
 
@@ -247,6 +282,7 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
         seed: seed of the within-shard shuffle.
         decode_check: fully decode each selected image (default: check its signature only).
         max_rows: selection rows held in memory at once (a task reads the selection once per this many rows).
+        keep: other members to carry through, comma-separated (``txt,json``).
         task_index: this array task; it writes its ``plan_block`` of output shards.
         num_tasks: number of array tasks.
         retry_failed: retry parts that failed ``max_attempts`` times.
@@ -259,15 +295,18 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     rows = SelectionRows(mf.load(selection, kind="selection"))
     lineage = resolve_lineage(rows.manifest, data, need_logits=not rows.has_targets)
     plan = plan_for(lineage, rows, shard_size, shard_bytes)
+    kept = parse_keep(keep)
     params = _fingerprint_params(lineage, shard_size, shard_bytes, seed, decode_check)
+    if kept:  # absent when empty: folders made before --keep existed keep their fingerprint
+        params["keep"] = list(kept)
     out = Path(out)
     store = PartStore(out, ".tar", fingerprint("reshard", params, CODE_VERSION), count_samples)
     block = [] if finalize_only else list(plan_block(task_index, num_tasks, len(plan.parts)))
     cache = _WaveCache(rows, plan, plan_waves(plan.part_rows, block, max_rows))
-    writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out)
+    writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out, kept)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
     report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard",
-                       num_parts=len(plan.parts))
+                       num_parts=len(plan.parts), part_samples=lambda index: plan.part_rows[index])
     done = finalize_only or (do_finalize and all(store.committed(i, verify=False) is not None
                                                  for i in range(len(plan.parts))))
     manifest = _finalize(store, lineage, rows, plan, params, out) if done else None
@@ -304,12 +343,30 @@ def _finalize(store: PartStore, lineage: Lineage, rows: SelectionRows, plan: _Pl
         if samples + sum(failures.values()) != expected:
             raise IntegrityError(f"{out}: {samples} samples + {sum(failures.values())} failures != {expected} "
                                  "selected rows; delete the folder and rerun")
-        per_class = np.sum([r["extra"]["per_class"] for r in receipts], axis=0).tolist()
+        per_class = _per_class(receipts, rows, len(names))
         totals = {"samples": samples, "failures": failures, "classes": len(names), "selection_rows": expected,
                   "per_class": per_class}
         return mf.build("dataset", stage="reshard", params=manifest_params, inputs=inputs,
                         files=file_entries(receipts, "samples"), totals=totals)
     return finalize(store, len(plan.parts), with_sidecars(out, build))
+
+
+def _failed_labels(rows: list[dict], samples: list[tuple]) -> dict[str, int]:
+    """Selected rows that did not become samples, per label, sparse: a receipt never holds a per-class list."""
+    lost = Counter(int(r["label"]) for r in rows) - Counter(int(s[4]) for s in samples)
+    return {str(label): count for label, count in sorted(lost.items())}
+
+
+def _per_class(receipts: list[dict], rows: SelectionRows, num_classes: int) -> list[int]:
+    """Samples per class: the selection's rows per label minus the failed ones (receipts of older kdpipes
+    carried a dense ``per_class``)."""
+    if all("per_class" in r["extra"] for r in receipts):
+        return np.sum([r["extra"]["per_class"] for r in receipts], axis=0).tolist()
+    counts = rows.label_counts(num_classes)
+    for receipt in receipts:
+        for label, count in receipt["extra"].get("failed_labels", {}).items():
+            counts[int(label)] -= count
+    return counts.tolist()
 
 
 def iter_training_samples(manifest: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -11,6 +11,7 @@ Memory is O(classes x K) plus one read batch in both steps; the output is the sa
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pipeline.errors import InputError, IntegrityError, ManifestError, PartFaile
 from pipeline.memory import release_memory
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
+from pipeline.progress import advance
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import Exclusion, load_exclusion
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "select-1"
 MAP_DIR = "_map"
 MAP_ROW_GROUP = 1 << 17  # rows per row group of a map part (bounds the writer's buffers)
+CANDIDATES_META = b"kdpipe_candidates"  # a map part's candidates per class (file metadata, not the receipt)
 ROW_ID = "_row"  # internal: (logits part << 32) + row, the identity of an image in map parts (fetch.ROW_BITS)
 _TYPED = ("key", "shard", "topk_index", "topk_logit", "lse", LSE1)
 
@@ -152,8 +155,10 @@ def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion
     block = plan_block(task_index, num_tasks, logits_set.num_parts)
     write = lambda tmp: map_block(tmp, logits_set, spec, exclusion, block, batch_rows)
     produce = lambda index: maps.commit(index, write, task_info(task_index, num_tasks))
+    views = int((logits_set.params.get("views") or {}).get("count", 1))
+    images = sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block) // views  # for the ETA
     report = run_parts(maps, [task_index], produce, max_attempts=max_attempts, retry_failed=retry_failed,
-                       desc="select map")
+                       desc="select map", part_samples=lambda _: images)
     if report.exit_code:
         raise PartFailed(f"{maps.out_dir}: map task {task_index} failed: {report.failed or report.given_up}")
 
@@ -169,23 +174,26 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     payload = pa.schema([schema.field(c) for c in payload_columns(spec.soft_targets)] + [pa.field(ROW_ID, pa.int64())])
     scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
     views = "view" in schema.names
-    (labels, scores, ids), stats = _rank(logits_set, spec, scorer, exclusion, block, batch_rows, views)
+    (labels, scores, ids), (images, excluded, compactions) = _rank(logits_set, spec, scorer, exclusion, block,
+                                                                   batch_rows, views)
     release_memory()  # pass 1's buffers, before pass 2 allocates through Arrow
     fetched = fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows)
     release_memory()
     table = exact_rows(labels, scores, fetched, spec.quotas)
     del fetched
+    per_class = {CANDIDATES_META: json.dumps(scorer.candidates.tolist()).encode()}  # O(classes): not in receipts
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **per_class})
     write_parquet(table, tmp, compression="snappy", row_group=MAP_ROW_GROUP)  # an intermediate: fast to read back
-    log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions",
-             stats["images"], block.start, block.stop - 1, table.num_rows, stats.pop("compactions"))
-    extra = {**stats, "candidates": scorer.candidates.tolist()}
+    log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
+             block.start, block.stop - 1, table.num_rows, compactions)
     return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},
-                      extra=extra)
+                      extra={"images": images, "excluded": excluded}, samples=images)
 
 
 def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Exclusion | None, block: range,
-          batch_rows: int, views: bool) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
-    """Pass 1: every logits batch of ``block`` through ``scorer`` into a ``ScoreTopK``; its survivors and counts.
+          batch_rows: int, views: bool) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[int, int, int]]:
+    """Pass 1: every logits batch of ``block`` through ``scorer`` into a ``ScoreTopK``; its survivors, and
+    (images, images excluded, compactions).
 
     Reading, row checks and scoring run on the read-ahead thread, the ``ScoreTopK`` on this one (scoring may
     use thresholds a batch old: they only rise, and ``ScoreTopK.add`` applies its current ones).
@@ -199,7 +207,8 @@ def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Ex
     for labels, scores, ids, seen, dropped in prefetched(scored):
         bound.add(labels, scores, ids)
         images, excluded = images + seen, excluded + dropped
-    return bound.result(), {"images": images, "excluded": excluded, "compactions": bound.compactions}
+        advance(seen)  # images ranked so far: the task's live progress
+    return bound.result(), (images, excluded, bound.compactions)
 
 
 def _score(scorer: Scorer, batch: pa.RecordBatch, first_id: int, thr: np.ndarray, exclusion: Exclusion | None,
@@ -224,12 +233,12 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     receipts = [maps.committed(i) for i in range(num_tasks)]
     if any(r is None for r in receipts):
         raise ManifestError(f"{maps.out_dir}: a map part changed or vanished since it was committed; rerun")
-    totals = _map_totals(receipts)
+    totals = _map_totals(maps, receipts)
     write = lambda tmp: _reduce_write(tmp, maps, spec, params, num_tasks, batch_rows, totals)
     report = run_parts(store, [0], lambda index: store.commit(index, write), desc="select reduce")
     if report.exit_code:
         raise PartFailed(f"{out}: the reduce failed: {report.failed or report.given_up}")
-    stats = store.committed(0, verify=False)["extra"]
+    stats = {**store.committed(0, verify=False)["extra"], "candidates": totals["candidates"]}
     inputs = [mf.input_ref(logits_set.manifest, out, "logits")]
     if exclusion:
         inputs.append(mf.input_ref(exclusion.manifest, out, "exclude"))
@@ -243,10 +252,18 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     return path
 
 
-def _map_totals(receipts: list[dict]) -> dict:
-    candidates = np.sum([r["extra"]["candidates"] for r in receipts], axis=0).astype(np.int64)
+def _map_totals(maps: PartStore, receipts: list[dict]) -> dict:
+    """Images and exclusions summed over the map receipts; candidates per class summed over the map parts."""
+    candidates = np.sum([_map_candidates(maps, i, r) for i, r in enumerate(receipts)], axis=0).astype(np.int64)
     return {"images": sum(r["extra"]["images"] for r in receipts),
             "excluded": sum(r["extra"]["excluded"] for r in receipts), "candidates": candidates.tolist()}
+
+
+def _map_candidates(maps: PartStore, index: int, receipt: dict) -> list[int]:
+    """A map part's candidates per class: in its file metadata (receipts of older kdpipes carried them)."""
+    if "candidates" in receipt["extra"]:
+        return receipt["extra"]["candidates"]
+    return json.loads(pq.read_schema(maps.part_path(index)).metadata[CANDIDATES_META])
 
 
 def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, num_tasks: int, batch_rows: int,
@@ -260,7 +277,9 @@ def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, nu
     _, per_image = np.unique(top.column(ROW_ID).to_numpy(), return_counts=True)
     images = {"unique_images": len(per_image), "multi_label_images": int((per_image > 1).sum()),
               "max_labels_per_image": int(per_image.max()) if len(per_image) else 0}
-    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra={**totals, **images})
+    counts = {k: totals[k] for k in ("images", "excluded")}  # candidates per class stay out of the receipt
+    return PartResult(expected_rows=table.num_rows, input={"map_parts": num_tasks}, extra={**counts, **images},
+                      samples=totals["images"])
 
 
 def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: int) -> pa.Table:

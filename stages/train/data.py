@@ -40,7 +40,7 @@ from pipeline.hashing import sha256_file
 from stages import imaging
 from stages.artifacts.logits_reader import open_logits
 from stages.imaging import Preprocess, SampleError
-from stages.shardio import ShardStats, parse_label, read_shard
+from stages.shardio import ShardStats, parse_label, read_shard, with_cls
 from stages.train.augment import AugmentSpec, draw_view, eval_view, view_rng
 from stages.views.render import View, epoch_view, render_view
 
@@ -58,6 +58,8 @@ class ShardRef:
     samples: int
     shard_index: int
     logits: str | None = None
+    label_from: str | None = None  # "json:FIELD" for an indexed pool labeled in its json members
+    class_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ class Stream:
             joined = self._joined(ref)
             stats = ShardStats(ref.path)
             for key, fields in read_shard(ref.path, stats, ref.sha256, ref.samples):
+                fields = with_cls(fields, ref.label_from, ref.class_names)
                 yield {"__key__": key, "fields": fields, "pass": item["pass"],
                        "joined": None if joined is None else joined.get(key, None)}
                 self._take_stats(stats)
@@ -313,18 +316,16 @@ def make_loader(plan: DataPlan, epoch: int, rank: int, start: int, positions: li
 
 
 def shard_refs(manifests: list[mf.Manifest], logits: list[str | None]) -> list[ShardRef]:
-    """Every shard of the training manifests (local files only), with its teacher-logits path or None."""
+    """Every shard of the training manifests (local paths or URLs), with its teacher-logits path or None."""
     refs = []
     for manifest, logits_path in zip(manifests, logits):
         for index, entry in enumerate(manifest.files):
-            where = manifest.file_path(entry)
-            if isinstance(where, str):
-                raise InputError(f"{manifest.path}: shard {entry['path']} is remote; training reads local "
-                                 "shards (copy them, or mount the bucket)")
+            where = manifest.file_path(entry)  # local or remote: read_shard streams and re-hashes either
             if "samples" not in entry:
                 raise InputError(f"{manifest.path}: shard {entry['path']} has no sample count; re-ingest it")
             refs.append(ShardRef(str(where), entry["sha256"], int(entry["bytes"]), int(entry["samples"]), index,
-                                 logits_path))
+                                 logits_path, manifest.params.get("label_from"),
+                                 tuple(manifest.params.get("class_names") or ())))
     return refs
 
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import manifest as mf
 from pipeline.errors import FingerprintMismatch, InputError, IntegrityError
 from pipeline.hashing import sha256_json
+from pipeline.progress import Progress
 from stages import imaging
 from stages.artifacts.cards import write_card
 from stages.models.classifiers import build_model
@@ -196,12 +197,14 @@ def _run_epoch(run: Run, epoch: int) -> None:
     if run.config.freeze_bn:
         _freeze_batchnorm(run.model)
     done = start
-    for batch in loader:
-        _step(run, batch)
-        run.state["positions"][done % run.plan.streams] = batch["position"]
-        done += 1
-        if run.config.checkpoint_every and run.state["step"] % run.config.checkpoint_every == 0 and done < steps:
-            _checkpoint(run)
+    with Progress(f"train epoch {epoch}", steps, unit="steps", done=start, show=run.env.is_main) as shown:
+        for batch in loader:
+            _step(run, batch)
+            shown.part_done(len(batch["labels"]))
+            run.state["positions"][done % run.plan.streams] = batch["position"]
+            done += 1
+            if run.config.checkpoint_every and run.state["step"] % run.config.checkpoint_every == 0 and done < steps:
+                _checkpoint(run)
     if done != steps:
         raise InputError(f"epoch {epoch}: the data stream ended after {done} of {steps} batches on rank "
                          f"{run.env.rank} (too many undecodable samples?); see the failure counts in the log")

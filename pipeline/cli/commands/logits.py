@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from pipeline.cli.commands.common import add_task_args, task_options
+from pipeline.cli.commands.common import add_task_args, out_location, task_options
 from pipeline.options import add_options, from_args
 from stages.logits.options import LogitsOptions
 
@@ -18,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--teacher", required=True, help="teacher card (or a model card) folder or manifest")
     p.add_argument("--topk", type=int, required=True, help="classes stored per image")
     p.add_argument("--temperature", type=float, required=True, help="T of the stored lse = logsumexp(z/T)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=out_location, help="folder, or an s3:// or gs:// prefix")
     add_options(p, LogitsOptions)
     add_task_args(p)
     p.set_defaults(func=run)

@@ -10,6 +10,7 @@ log = logging.getLogger("kdpipe")
 def register(sub) -> None:
     p = sub.add_parser("verify", help="re-hash every file of a manifest, check counts and schema")
     p.add_argument("manifest")
+    p.add_argument("--jobs", type=int, default=1, help="files checked in parallel (remote objects: 8-32)")
     p.set_defaults(func=run)
 
 
@@ -17,7 +18,7 @@ def run(args) -> int:
     from pipeline.verify import verify
     from stages.artifacts.checks import CHECKS
 
-    problems = verify(args.manifest, CHECKS)
+    problems = verify(args.manifest, CHECKS, jobs=max(1, args.jobs))
     for problem in problems:
         log.error("verify: %s", problem)
     if not problems:

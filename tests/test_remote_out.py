@@ -1,0 +1,99 @@
+"""``kdpipe logits --out s3://bucket/prefix``: parts written whole (one PUT each), receipts after them, the
+manifest created only if absent; the same bytes as a local run; a killed upload leaves no committed part."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import manifest as mf
+from pipeline.cli import main
+from tests.s3_helpers import make_pool
+from tests.test_logits_support import train_card
+
+BUCKET = "remote-out"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, s3_server):
+    root = tmp_path_factory.mktemp("rout")
+    make_pool(root / "pool", shards=3, samples=4, seed=3)
+    card = train_card(root / "card", None, steps=0, classes=["a", "b", "c"])
+    assert main(["index", str(root / "pool"), "--out", str(root / "idx")]) == 0
+    s3_server.fs().mkdir(BUCKET)
+    assert _logits(root, card, str(root / "local")) == 0
+    return root, card, s3_server.fs()
+
+
+def _logits(root, card, out, *extra):
+    return main(["logits", "--data", str(root / "idx"), "--teacher", str(card), "--topk", "2", "--temperature", "1",
+                 "--num-workers", "0", "--out", out, *extra])
+
+
+def test_logits_to_a_bucket_prefix_equal_a_local_run_and_the_manifest_is_create_only(world):
+    root, card, fs = world
+    assert _logits(root, card, f"s3://{BUCKET}/run1/logits") == 0
+    local = mf.load(root / "local")
+    remote = json.loads(fs.cat_file(f"{BUCKET}/run1/logits/manifest.json"))
+    assert remote["id"] == local.id and [f["sha256"] for f in remote["files"]] == [f["sha256"] for f in local.files]
+    for f in local.files:
+        assert fs.cat_file(f"{BUCKET}/run1/logits/{f['path']}") == (root / "local" / f["path"]).read_bytes()
+    assert fs.exists(f"{BUCKET}/run1/logits/README.md") and fs.exists(f"{BUCKET}/run1/logits/_parts/part-000002.json")
+    before = fs.info(f"{BUCKET}/run1/logits/manifest.json")["LastModified"]
+    assert _logits(root, card, f"s3://{BUCKET}/run1/logits") == 0  # a rerun: every part skipped, manifest kept
+    assert fs.info(f"{BUCKET}/run1/logits/manifest.json")["LastModified"] == before
+
+
+def test_a_part_object_without_its_receipt_is_not_committed_and_the_rerun_completes(world):
+    root, card, fs = world
+    assert _logits(root, card, f"s3://{BUCKET}/run2/logits", "--no-finalize", "--task-index", "0",
+                   "--num-tasks", "3") == 0
+    fs.pipe_file(f"{BUCKET}/run2/logits/part-000001.parquet", b"half an upload, never receipted")
+    assert not fs.exists(f"{BUCKET}/run2/logits/manifest.json")
+    assert _logits(root, card, f"s3://{BUCKET}/run2/logits") == 0
+    remote = json.loads(fs.cat_file(f"{BUCKET}/run2/logits/manifest.json"))
+    assert remote["id"] == mf.load(root / "local").id
+
+
+def test_other_parameters_in_the_same_prefix_are_refused(world, caplog):
+    root, card, _ = world
+    assert _logits(root, card, f"s3://{BUCKET}/run3/logits") == 0
+    main(["logits", "--data", str(root / "idx"), "--teacher", str(card), "--topk", "3", "--temperature", "1",
+          "--num-workers", "0", "--out", f"s3://{BUCKET}/run3/logits"])
+    assert "made with other parameters" in caplog.text
+
+
+@pytest.mark.parametrize("point", ["part.validated:2", "part.published:2"])
+def test_a_sigkill_around_an_upload_leaves_no_committed_part_and_the_rerun_completes(world, point):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.objstore import ObjectPartStore
+
+    root, card, fs = world
+    prefix = f"{BUCKET}/kill-{point.split('.')[1].split(':')[0]}/logits"
+    argv = [sys.executable, "-m", "pipeline", "logits", "--data", str(root / "idx"), "--teacher", str(card),
+            "--topk", "2", "--temperature", "1", "--num-workers", "0", "--out", f"s3://{prefix}"]
+    killed = subprocess.run(argv, env={**os.environ, "KDPIPE_FAULT": point}, capture_output=True)
+    assert killed.returncode == -9
+    assert fs.exists(f"{prefix}/_parts/part-000000.json") and not fs.exists(f"{prefix}/_parts/part-000001.json")
+    assert not fs.exists(f"{prefix}/manifest.json")
+    assert _logits(root, card, f"s3://{prefix}") == 0
+    assert json.loads(fs.cat_file(f"{prefix}/manifest.json"))["id"] == mf.load(root / "local").id
+    scratch = ObjectPartStore(f"s3://{prefix}", ".parquet", {"hash": ""}, len).scratch
+    assert not list(scratch.glob(".tmp-*"))  # the killed writer's local temp was removed
+
+
+def test_verify_of_an_artifact_in_the_bucket_re_hashes_its_objects(world, caplog):
+    root, card, fs = world
+    prefix = f"{BUCKET}/verify/logits"
+    assert _logits(root, card, f"s3://{prefix}") == 0
+    assert main(["verify", f"s3://{prefix}", "--jobs", "3"]) == 0 and "is intact" in caplog.text
+    body = bytearray(fs.cat_file(f"{prefix}/part-000001.parquet"))
+    body[len(body) // 2] ^= 0xFF
+    fs.pipe_file(f"{prefix}/part-000001.parquet", bytes(body))
+    caplog.clear()
+    assert main(["verify", f"s3://{prefix}/manifest.json"]) == 1
+    assert f"s3://{prefix}/part-000001.parquet: sha256 differs" in caplog.text and "intact" not in caplog.text
