@@ -83,10 +83,12 @@ def _import_hf(arch: str, folder: str, weights, class_names, weights_sha256) -> 
     if class_names and len(class_names) != len(own):
         raise InputError(f"--classes: {len(class_names)} names, but {folder}/config.json has {len(own)} labels "
                          "(id2label); leave --classes out to use them, or map classes with --class-map")
+    if weights is not None:
+        raise InputError(f"--arch {arch}: loads the folder's own weights; leave --import out")
+    if weights_sha256 is not None:
+        load_state_dict(hf_source.weights_in(folder, arch), weights_sha256)  # the pin, checked before loading
+    model = hf_source.load(folder, arch)
     params = {"hf_config": hf_source.config_dict(config)}
-    model = hf_source.build(params["hf_config"], arch)
-    weights = weights or hf_source.weights_in(folder, arch)
-    fit(model, load_state_dict(weights, weights_sha256), weights, arch, len(own))
     return Imported(f"hf:{config.model_type}", model, list(class_names or own), hf_source.resolve(processor, arch),
                     params)
 

@@ -66,6 +66,22 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_string(use_diff=False))
 
 
+def load(folder: str | Path, arch: str) -> nn.Module:
+    """The folder's classifier with its own weights (``from_pretrained``, local files only: it converts keys of
+    older checkpoints); any missing, unexpected or mismatched key is refused naming the file."""
+    transformers = require("transformers", arch)
+    try:
+        model, info = transformers.AutoModelForImageClassification.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{weights_in(folder, arch)}: does not load as {arch}: {exc}") from None
+    bad = [f"{len(v)} {k.replace('_', ' ')}, first {', '.join(map(str, list(v)[:3]))}"
+           for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v]
+    if bad:
+        raise InputError(f"{weights_in(folder, arch)}: does not fit {arch}: {'; '.join(bad)}")
+    return model.eval()
+
+
 def build(hf_config: dict, arch: str) -> nn.Module:
     """A freshly initialised classifier from a stored config."""
     transformers = require("transformers", arch)
