@@ -28,7 +28,7 @@ def make_pool(root: Path) -> Path:
     for i, (w, h) in enumerate(SIZES):
         gray = (digits.images[i] * (255 / 16)).astype(np.uint8)
         rgb = np.stack([gray, 255 - gray, (gray // 2 + 60)], axis=2).astype(np.uint8)
-        Image.fromarray(rgb).resize((w, h), Image.BICUBIC).save(folder / f"img{i:02d}.png")
+        Image.fromarray(rgb).resize((w, h), Image.NEAREST).save(folder / f"img{i:02d}.png")
     assert main(["ingest", str(folder), "--out", str(root / "pool"), "--shard-size", "5"]) == 0
     return root / "pool"
 
@@ -62,13 +62,14 @@ def run_logits(pool: Path, teacher: Path, out: Path, topk: int = 3, *extra: str)
 
 
 def assert_same_topk(kdpipe: dict, reference: dict[str, torch.Tensor], topk: int = 3) -> None:
-    """kdpipe's top-K ids equal the reference's and its float16 logits agree within float16 rounding."""
+    """kdpipe's top-K ids equal the reference's and its float16 logits agree within float16 rounding (2x)."""
     assert set(kdpipe) == set(reference)
     for key, (idx, val) in kdpipe.items():
         z = reference[key].float()
         ref_val, ref_idx = torch.sort(z, descending=True, stable=True)
         scale = float(z.abs().max())
-        assert np.allclose(val, ref_val[:topk].numpy(), rtol=2e-3, atol=2e-3 * scale), (key, val, ref_val[:topk])
+        # float16 keeps 11 significant bits: a relative error up to 2^-11 (4.9e-4) is its rounding
+        assert np.allclose(val, ref_val[:topk].numpy(), rtol=1e-3, atol=1e-4 * scale), (key, val, ref_val[:topk])
         gaps = np.diff(ref_val[: topk + 1].numpy())
-        if np.all(np.abs(gaps) > 4e-3 * scale):  # ids compared where no two logits are within rounding
+        if np.all(np.abs(gaps) > 2e-3 * scale):  # ids compared where no two logits are within rounding
             assert list(idx) == ref_idx[:topk].tolist(), key
