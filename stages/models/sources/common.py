@@ -49,20 +49,21 @@ def fit(model: nn.Module, state: dict[str, torch.Tensor], weights: str | Path, a
     unexpected = [k for k in state if k not in own]
     shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or shapes:
-        raise InputError(f"{weights}: does not fit {arch} with {classes} classes: " + _mismatch(own, state, missing,
-                                                                                              unexpected, shapes))
+        raise InputError(f"{weights}: does not fit {arch} with {classes} classes: "
+                         f"{_mismatch(own, state, missing, unexpected, shapes, classes)}")
     model.load_state_dict(state, strict=True)
 
 
-def _mismatch(own: dict, state: dict, missing: list, unexpected: list, shapes: list) -> str:
+def _mismatch(own: dict, state: dict, missing: list, unexpected: list, shapes: list, classes: int) -> str:
     parts = []
     if shapes:
         key = shapes[0]
         parts.append(f"{len(shapes)} shape mismatch(es), first {key}: the file has {list(state[key].shape)}, the "
-                     f"model {list(own[key].shape)}" + (" (a head of another class count: check --classes, or map "
-                                                        "the classes with --class-map)" if key.endswith(("weight",
-                                                        "bias")) and own[key].shape[0] != state[key].shape[0]
-                                                        and key == shapes[-1] else ""))
+                     f"model {list(own[key].shape)}")
+    head = shapes and all(own[k].shape[0] == classes != state[k].shape[0] for k in shapes)
+    if head and not missing and not unexpected:
+        return parts[0] + (f" (the file's head has {state[shapes[0]].shape[0]} classes, --classes gave {classes}: "
+                           "give its class names, and --class-map to map them onto yours)")
     if missing:
         parts.append(f"{len(missing)} missing key(s), first {', '.join(missing[:3])}")
     if unexpected:
