@@ -139,3 +139,23 @@ def test_the_comparison_tells_views_apart_kdpipes_box_differs_from_timms_transfo
     kdpipe = run_logits(pool, card, tmp_path / "logits")
     with pytest.raises(AssertionError):
         assert_same_topk(kdpipe, _timm_reference(model, pool_images(pool)))
+
+
+def test_a_torchvision_import_takes_its_weights_transforms_not_the_digits_defaults(tmp_path):
+    from stages.models.classifiers import build_model
+
+    save_file(build_model("resnet18", 10).state_dict(), str(tmp_path / "r.safetensors"))
+    assert main(["teacher", "--import", str(tmp_path / "r.safetensors"), "--arch", "resnet18", "--classes", "10",
+                 "--out", str(tmp_path / "t")]) == 0
+    params = mf.load(tmp_path / "t").params
+    assert params["preprocess"] == {"size": 224, "crop_fraction": 224 / 256, "interpolation": "bilinear",
+                                    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "policy_version": 1}
+    assert params["preprocess_from"]["size"] == "torchvision ResNet18_Weights.IMAGENET1K_V1 transforms"
+
+
+def test_a_box_policy_card_keeps_the_keys_and_bytes_it_always_had():
+    from stages.imaging import Preprocess
+
+    assert Preprocess(size=28, crop_fraction=1.0).to_dict() == {
+        "size": 28, "crop_fraction": 1.0, "interpolation": "bilinear", "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225], "policy_version": 1}

@@ -26,6 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
 from stages.models.classifiers import build_model
 from stages.models.sources import hf_source, openclip_source, timm_source, torchvision_source
@@ -88,7 +89,9 @@ def _import_hf(arch: str, folder: str, weights, class_names, weights_sha256) -> 
     if weights_sha256 is not None:
         load_state_dict(hf_source.weights_in(folder, arch), weights_sha256)  # the pin, checked before loading
     model = hf_source.load(folder, arch)
-    params = {"hf_config": hf_source.config_dict(config)}
+    source = hf_source.weights_in(folder, arch)
+    params = {"hf_config": hf_source.config_dict(config),
+              "imported_from": {"file": str(Path(folder) / source.name), "sha256": sha256_file(source)}}
     return Imported(f"hf:{config.model_type}", model, list(class_names or own), hf_source.resolve(processor, arch),
                     params)
 
