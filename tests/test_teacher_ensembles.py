@@ -80,6 +80,7 @@ def test_members_with_other_classes_or_changed_since_are_refused(setup, tmp_path
     assert main(["teacher", "--ensemble", str(setup["cards"][0]), "--out", str(tmp_path / "e1")]) == 2
     ens = tmp_path / "ok"
     assert main(["teacher", "--ensemble", *map(str, setup["cards"]), "--out", str(ens)]) == 0
+    assert main(["verify", str(ens)]) == 0 and main(["show", str(ens)]) == 0
     argv = ["logits", "--data", str(setup["pool"]), "--teacher", str(ens), "--topk", "2", "--temperature", "1",
             "--num-workers", "0", "--out"]
     assert main([*argv, str(tmp_path / "l1"), "--embeddings"]) == 2 and "is an ensemble" in caplog.text
