@@ -183,7 +183,8 @@ def report_timm(args, work: Path, blobs: list[bytes], bare: np.ndarray, e2e_ips:
           f"tensors)")
     print(f"ratio end-to-end / bare timm forward = {e2e_ips / nchw:.2f} (NCHW), {e2e_ips / cl:.2f} (channels_last)")
     sec = ensemble_vs_members(work / "ens", args.arch, blobs[:96], args.batch_size, device)
-    print(f"ensemble of 2 model-only (96 images, best of 3) {sec['ensemble']:.2f} s vs members {sec['member0']:.2f} + {sec['member1']:.2f}"
+    print(f"ensemble of 2 model-only (96 images, best of 3) {sec['ensemble']:.2f} s vs members "
+          f"{sec['member0']:.2f} + {sec['member1']:.2f}"
           f" s: ratio {sec['ensemble'] / (sec['member0'] + sec['member1']):.3f}")
 
 

@@ -16,8 +16,8 @@ Policy (documented in docs/images.md, identical wherever pixels are made):
   with ``crop_offset`` ``floor``: Hugging Face processors); ``squash`` resizes to ``resize x resize`` (aspect ratio
   not kept) then centre-crops. With ``backend`` ``pil`` these are Pillow's own steps (same pixels as the library),
   except for an aspect ratio over 16 where only the crop's box is resized (memory bounded; pixels within one
-  level: Pillow may order its two 1-D passes differently); ``backend`` ``torchvision`` resizes the whole image as a uint8 tensor with
-  antialiasing (Hugging Face's torchvision image processors).
+  level: Pillow may order its two 1-D passes differently); ``backend`` ``torchvision`` resizes the whole image
+  as a uint8 tensor with antialiasing (Hugging Face's torchvision image processors).
 """
 
 from __future__ import annotations

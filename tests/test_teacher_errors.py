@@ -52,7 +52,8 @@ def test_a_wrong_class_count_names_the_head_and_the_flag(tmp_path, resnet, caplo
 
 def test_weights_of_another_architecture_name_the_first_missing_and_unexpected_keys(tmp_path, resnet, caplog):
     assert _import(tmp_path, resnet[0], "timm:test_vit") == 2
-    assert "80 missing key(s), first cls_token, pos_embed" in caplog.text and "92 unexpected key(s), first bn1.num_batches_tracked" in caplog.text
+    assert "80 missing key(s), first cls_token, pos_embed" in caplog.text
+    assert "92 unexpected key(s), first bn1.num_batches_tracked" in caplog.text
 
 
 def test_a_file_that_is_not_safetensors_is_named(tmp_path, caplog):

@@ -72,8 +72,8 @@ def _hf_folder(tmp_path, kind: str):
         model = transformers.ViTForImageClassification(config)
         processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
     else:
-        config = transformers.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5,
-                                             id2label=labels, label2id={v: k for k, v in labels.items()})
+        config = transformers.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                             num_labels=5, id2label=labels, label2id={v: k for k, v in labels.items()})
         model = transformers.ConvNextForImageClassification(config)
         processor = transformers.ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=0.875)
     folder = tmp_path / f"hf-{kind}"

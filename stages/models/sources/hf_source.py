@@ -94,7 +94,8 @@ def resolve(processor, arch: str) -> Resolved:
     """The processor's eval preprocessing; anything kdpipe cannot render the same way is left unresolved."""
     where = f"HF {type(processor).__name__} (preprocessor_config.json)"
     out = Resolved()
-    if getattr(processor, "do_rescale", True) and abs(float(getattr(processor, "rescale_factor", 1 / 255)) * 255 - 1) > 1e-6:
+    factor = float(getattr(processor, "rescale_factor", 1 / 255))
+    if getattr(processor, "do_rescale", True) and abs(factor * 255 - 1) > 1e-6:
         raise InputError(f"--arch {arch}: rescale_factor {processor.rescale_factor} is not 1/255; kdpipe feeds "
                          "pixels / 255")
     _geometry(processor, out, where)
