@@ -118,6 +118,18 @@ def timm_card(work: Path, arch: str, seed: int, size: int | None = None):
     return card, model
 
 
+def bare_loop(model, blobs: list[bytes], batch: int) -> float:
+    """Images/s of a user's plain timm loop in one process: decode, ``create_transform``, ``model(x)`` (NCHW)."""
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for i in range(0, len(blobs), batch):
+            model(torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[i:i + batch]]))
+    return len(blobs) / (time.perf_counter() - start)
+
+
 def bare_timm(model, blobs: list[bytes], batch: int, channels_last: bool) -> float:
     """Images/s of a plain timm forward over tensors made by timm's own eval transform (decode not timed)."""
     from timm.data import create_transform, resolve_data_config
@@ -172,16 +184,18 @@ def _engine_run(card: Path, blobs: list[bytes], batch: int, device):
 
 
 def bare_both(model, blobs: list[bytes], batch: int) -> np.ndarray:
-    """(NCHW, channels_last) images/s of the bare timm forward."""
-    return np.array([bare_timm(model, blobs, batch, c) for c in (False, True)])
+    """(forward NCHW, forward channels_last, whole loop NCHW) images/s of bare timm."""
+    return np.array([bare_timm(model, blobs, batch, False), bare_timm(model, blobs, batch, True),
+                     bare_loop(model.to(memory_format=torch.contiguous_format), blobs, batch)])
 
 
 def report_timm(args, work: Path, blobs: list[bytes], bare: np.ndarray, e2e_ips: float, device) -> None:
     """The timm lines: end-to-end / bare timm forward (bracketing the end-to-end run), and the ensemble."""
-    nchw, cl = bare
+    nchw, cl, loop = bare
     print(f"bare timm    {nchw:8.1f} img/s NCHW, {cl:.1f} img/s channels_last (model(x) on create_transform "
-          f"tensors)")
-    print(f"ratio end-to-end / bare timm forward = {e2e_ips / nchw:.2f} (NCHW), {e2e_ips / cl:.2f} (channels_last)")
+          f"tensors); {loop:.1f} img/s as a plain loop with decode and transform (NCHW, one process)")
+    print(f"ratio end-to-end / bare timm forward = {e2e_ips / nchw:.2f} (NCHW), {e2e_ips / cl:.2f} (channels_last); "
+          f"/ bare timm loop = {e2e_ips / loop:.2f}")
     sec = ensemble_vs_members(work / "ens", args.arch, blobs[:96], args.batch_size, device)
     print(f"ensemble of 2 model-only (96 images, best of 3) {sec['ensemble']:.2f} s vs members "
           f"{sec['member0']:.2f} + {sec['member1']:.2f}"
