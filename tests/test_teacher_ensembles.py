@@ -124,3 +124,11 @@ def test_a_text_class_map_and_its_errors(setup, tmp_path, caplog):
     (tmp_path / "twice.txt").write_text("a: c0\nb: c0, c1\n")
     assert main([*argv, str(tmp_path / "twice.txt"), "--out", str(tmp_path / "c")]) == 2
     assert "is mapped to both 'a' and 'b'" in caplog.text
+
+
+def test_the_cli_choices_are_the_library_values():
+    from stages.imaging import CROP_MODES
+    from stages.models.sources.compose import COMBINES
+    from stages.teacher import options
+
+    assert options.COMBINE == COMBINES and options.CROP_MODES == CROP_MODES
