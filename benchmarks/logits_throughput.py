@@ -41,6 +41,13 @@ from stages.teacher.ensemble import write_ensemble
 from stages.teacher.stage import import_teacher
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (DataLoader workers): robust to a shared machine's
+    load, unlike wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[bytes]:
     """Photo-like JPEGs (smooth colour fields plus grain), 500x375 or 375x500, quality 90."""
     rng = np.random.default_rng(seed)
@@ -124,9 +131,10 @@ def bare_loop(model, blobs: list[bytes], batch: int) -> float:
 
     transform = create_transform(**resolve_data_config({}, model=model))
     with torch.inference_mode():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         for i in range(0, len(blobs), batch):
             model(torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[i:i + batch]]))
+    bare_loop.cpu_per_image = (cpu_seconds() - cpu) / len(blobs)
     return len(blobs) / (time.perf_counter() - start)
 
 
@@ -156,10 +164,11 @@ def ensemble_vs_members(work: Path, arch: str, blobs: list[bytes], batch: int, d
     ens = write_ensemble(cards, work / "ensemble", "mean-logits")
     runs = {name: _engine_run(card, blobs, batch, device)
             for name, card in [("member0", cards[0]), ("member1", cards[1]), ("ensemble", ens)]}
-    seconds = {name: float("inf") for name in runs}
+    seconds = {name: (float("inf"), float("inf")) for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            seconds[name] = min(seconds[name], run())
+            wall, cpu = run()
+            seconds[name] = (min(seconds[name][0], wall), min(seconds[name][1], cpu))
     return seconds
 
 
@@ -175,11 +184,11 @@ def _engine_run(card: Path, blobs: list[bytes], batch: int, device):
 
     engine.run(pick(0))  # warm-up
 
-    def run() -> float:
-        start = time.perf_counter()
+    def run() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), cpu_seconds()
         for i in range(0, len(blobs), batch):
             engine.run(pick(i))
-        return time.perf_counter() - start
+        return time.perf_counter() - start, cpu_seconds() - cpu
     return run
 
 
@@ -196,10 +205,14 @@ def report_timm(args, work: Path, blobs: list[bytes], bare: np.ndarray, e2e_ips:
           f"tensors); {loop:.1f} img/s as a plain loop with decode and transform (NCHW, one process)")
     print(f"ratio end-to-end / bare timm forward = {e2e_ips / nchw:.2f} (NCHW), {e2e_ips / cl:.2f} (channels_last); "
           f"/ bare timm loop = {e2e_ips / loop:.2f}")
+    print(f"CPU per image: bare timm loop {bare_loop.cpu_per_image * 1e3:.1f} ms, kdpipe end-to-end "
+          f"{report_timm.e2e_cpu * 1e3:.1f} ms (workers included): ratio bare / kdpipe "
+          f"{bare_loop.cpu_per_image / report_timm.e2e_cpu:.2f}")
     sec = ensemble_vs_members(work / "ens", args.arch, blobs[:96], args.batch_size, device)
-    print(f"ensemble of 2 model-only (96 images, best of 3) {sec['ensemble']:.2f} s vs members "
-          f"{sec['member0']:.2f} + {sec['member1']:.2f}"
-          f" s: ratio {sec['ensemble'] / (sec['member0'] + sec['member1']):.3f}")
+    for j, clock in enumerate(("wall", "CPU")):
+        ens, m0, m1 = sec["ensemble"][j], sec["member0"][j], sec["member1"][j]
+        print(f"ensemble of 2 model-only (96 images, best of 3, {clock}) {ens:.2f} s vs members {m0:.2f} + "
+              f"{m1:.2f} s: ratio {ens / (m0 + m1):.3f}")
 
 
 def main() -> None:
@@ -236,11 +249,12 @@ def main() -> None:
         model_before, outputs = model_only(engine, views, repeats=1)
         decode_ips = decode_only(data, pp, workers)
         bare = bare_both(timm_model, blobs, args.batch_size) if args.arch.startswith("timm:") else None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         path = compute_logits(data, card, work / "logits", topk=10, temperature=1.0, batch_size=args.batch_size,
                               num_workers=workers, device=args.device, compile_model=args.compile,
                               gpu_decode=args.gpu_decode)
         e2e_ips = len(blobs) / (time.perf_counter() - start)
+        report_timm.e2e_cpu = (cpu_seconds() - cpu) / len(blobs)
         model_after, _ = model_only(engine, views, repeats=1)  # brackets the end-to-end run (shared machines)
         model_ips = (model_before + model_after) / 2
         keys = [f"img{i:05d}" for i in range(len(blobs))]
