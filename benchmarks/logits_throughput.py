@@ -125,8 +125,9 @@ def timm_card(work: Path, arch: str, seed: int, size: int | None = None):
     return card, model
 
 
-def bare_loop(model, blobs: list[bytes], batch: int) -> float:
-    """Images/s of a user's plain timm loop in one process: decode, ``create_transform``, ``model(x)`` (NCHW)."""
+def bare_loop(model, blobs: list[bytes], batch: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of a user's plain timm loop in one process: decode, ``create_transform``,
+    ``model(x)`` (NCHW)."""
     from timm.data import create_transform, resolve_data_config
 
     transform = create_transform(**resolve_data_config({}, model=model))
@@ -134,8 +135,7 @@ def bare_loop(model, blobs: list[bytes], batch: int) -> float:
         start, cpu = time.perf_counter(), cpu_seconds()
         for i in range(0, len(blobs), batch):
             model(torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[i:i + batch]]))
-    bare_loop.cpu_per_image = (cpu_seconds() - cpu) / len(blobs)
-    return len(blobs) / (time.perf_counter() - start)
+    return len(blobs) / (time.perf_counter() - start), (cpu_seconds() - cpu) / len(blobs)
 
 
 def bare_timm(model, blobs: list[bytes], batch: int, channels_last: bool) -> float:
@@ -193,21 +193,21 @@ def _engine_run(card: Path, blobs: list[bytes], batch: int, device):
 
 
 def bare_both(model, blobs: list[bytes], batch: int) -> np.ndarray:
-    """(forward NCHW, forward channels_last, whole loop NCHW) images/s of bare timm."""
+    """(forward NCHW, forward channels_last, whole loop NCHW) images/s of bare timm, and the loop's CPU s/image."""
     return np.array([bare_timm(model, blobs, batch, False), bare_timm(model, blobs, batch, True),
-                     bare_loop(model.to(memory_format=torch.contiguous_format), blobs, batch)])
+                     *bare_loop(model.to(memory_format=torch.contiguous_format), blobs, batch)])
 
 
-def report_timm(args, work: Path, blobs: list[bytes], bare: np.ndarray, e2e_ips: float, device) -> None:
+def report_timm(args, work: Path, blobs: list[bytes], bare: np.ndarray, e2e: tuple[float, float], device) -> None:
     """The timm lines: end-to-end / bare timm forward (bracketing the end-to-end run), and the ensemble."""
-    nchw, cl, loop = bare
+    nchw, cl, loop, loop_cpu = bare
+    e2e_ips, e2e_cpu = e2e
     print(f"bare timm    {nchw:8.1f} img/s NCHW, {cl:.1f} img/s channels_last (model(x) on create_transform "
           f"tensors); {loop:.1f} img/s as a plain loop with decode and transform (NCHW, one process)")
     print(f"ratio end-to-end / bare timm forward = {e2e_ips / nchw:.2f} (NCHW), {e2e_ips / cl:.2f} (channels_last); "
           f"/ bare timm loop = {e2e_ips / loop:.2f}")
-    print(f"CPU per image: bare timm loop {bare_loop.cpu_per_image * 1e3:.1f} ms, kdpipe end-to-end "
-          f"{report_timm.e2e_cpu * 1e3:.1f} ms (workers included): ratio bare / kdpipe "
-          f"{bare_loop.cpu_per_image / report_timm.e2e_cpu:.2f}")
+    print(f"CPU per image: bare timm loop {loop_cpu * 1e3:.1f} ms, kdpipe end-to-end {e2e_cpu * 1e3:.1f} ms "
+          f"(workers included): ratio bare / kdpipe {loop_cpu / e2e_cpu:.2f}")
     sec = ensemble_vs_members(work / "ens", args.arch, blobs[:96], args.batch_size, device)
     for j, clock in enumerate(("wall", "CPU")):
         ens, m0, m1 = sec["ensemble"][j], sec["member0"][j], sec["member1"][j]
@@ -254,7 +254,7 @@ def main() -> None:
                               num_workers=workers, device=args.device, compile_model=args.compile,
                               gpu_decode=args.gpu_decode)
         e2e_ips = len(blobs) / (time.perf_counter() - start)
-        report_timm.e2e_cpu = (cpu_seconds() - cpu) / len(blobs)
+        e2e_cpu = (cpu_seconds() - cpu) / len(blobs)
         model_after, _ = model_only(engine, views, repeats=1)  # brackets the end-to-end run (shared machines)
         model_ips = (model_before + model_after) / 2
         keys = [f"img{i:05d}" for i in range(len(blobs))]
@@ -263,7 +263,7 @@ def main() -> None:
         s16, s32 = (synthetic_bytes_per_image(work, d) for d in ("float16", "float32"))
         if args.arch.startswith("timm:"):
             bare = (bare + bare_both(timm_model, blobs, args.batch_size)) / 2  # before and after end-to-end
-            report_timm(args, work, blobs, bare, e2e_ips, device)
+            report_timm(args, work, blobs, bare, (e2e_ips, e2e_cpu), device)
     print(f"model-only   {model_ips:8.1f} img/s  ({args.arch}, {pp.size} px, batch {args.batch_size}; "
           f"{model_before:.1f} before and {model_after:.1f} after the end-to-end run)")
     print(f"decode-only  {decode_ips:8.1f} img/s  ({workers} DataLoader worker(s))")
