@@ -6,7 +6,13 @@ compute batch, channels_last) for model-only, the stage's own ``ShardBlock`` Dat
 ``compute_logits`` for end-to-end. Prints the ratio end-to-end / min(model-only, decode-only) and the bytes
 per image of K=10 parts with float16 and float32 logits. Not a test: nothing is asserted.
 
+With ``--arch timm:NAME`` the teacher is imported through kdpipe's timm source (its own preprocessing) and the
+run adds, in the same process: a bare timm forward (``model(x)`` over tensors made by timm's
+``create_transform``, NCHW and channels_last) with the ratio end-to-end / bare, and an ensemble of two members
+(seeds 0 and 1, the second at 32 px less) whose model-only time is compared with the sum of its members'.
+
     .venv/bin/python benchmarks/logits_throughput.py --images 256 --arch resnet18
+    .venv/bin/python benchmarks/logits_throughput.py --images 128 --arch timm:resnet10t
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from PIL import Image
 
 from pipeline import manifest as mf
-from stages.artifacts.cards import write_card
+from stages.artifacts.cards import load_runnable, write_card
 from stages.imaging import Preprocess, centre_view
 from stages.ingest.stage import ingest
 from stages.logits.data import ShardBlock, ShardRef, make_loader
@@ -31,6 +37,15 @@ from stages.logits.inference import Engine, resolve_device
 from stages.logits.stage import compute_logits, default_workers
 from stages.logits.write import PartRows, part_table, write_part
 from stages.models.classifiers import build_model
+from stages.teacher.ensemble import write_ensemble
+from stages.teacher.stage import import_teacher
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its reaped children (DataLoader workers): robust to a shared machine's
+    load, unlike wall time."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[bytes]:
@@ -96,6 +111,110 @@ def synthetic_bytes_per_image(work: Path, dtype: str, rows: int = 10000, classes
     return path.stat().st_size / rows
 
 
+def timm_card(work: Path, arch: str, seed: int, size: int | None = None):
+    """A kdpipe card of a seeded timm model imported through the timm source; (card, timm model)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch.split(":", 1)[1], pretrained=False, num_classes=1000).eval()
+    weights = work / f"w{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    card = import_teacher(weights, work / f"teacher{seed}", arch=arch, class_names=[f"c{i}" for i in range(1000)],
+                          flags={"size": size})
+    return card, model
+
+
+def bare_loop(model, blobs: list[bytes], batch: int) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of a user's plain timm loop in one process: decode, ``create_transform``,
+    ``model(x)`` (NCHW)."""
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    with torch.inference_mode():
+        start, cpu = time.perf_counter(), cpu_seconds()
+        for i in range(0, len(blobs), batch):
+            model(torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs[i:i + batch]]))
+    return len(blobs) / (time.perf_counter() - start), (cpu_seconds() - cpu) / len(blobs)
+
+
+def bare_timm(model, blobs: list[bytes], batch: int, channels_last: bool) -> float:
+    """Images/s of a plain timm forward over tensors made by timm's own eval transform (decode not timed)."""
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=model))
+    x = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+    net = model.to(memory_format=torch.channels_last) if channels_last else model
+    with torch.inference_mode():
+        net(x[:batch].contiguous(memory_format=torch.channels_last) if channels_last else x[:batch])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(x), batch):
+            chunk = x[i:i + batch]
+            net(chunk.contiguous(memory_format=torch.channels_last) if channels_last else chunk)
+    return len(x) / (time.perf_counter() - start)
+
+
+def ensemble_vs_members(work: Path, arch: str, blobs: list[bytes], batch: int, device, repeats: int = 3) -> dict:
+    """Model-only seconds of a 2-member ensemble card and of each member alone (same views, same Engine); the
+    three are timed in turn ``repeats`` times and the fastest of each kept (a shared machine's load moves)."""
+    work.mkdir(parents=True, exist_ok=True)
+    first_card = timm_card(work, arch, 0)[0]
+    first = mf.load(first_card).params["preprocess"]["size"]
+    cards = [first_card, timm_card(work, arch, 1, first - 32)[0]]
+    ens = write_ensemble(cards, work / "ensemble", "mean-logits")
+    runs = {name: _engine_run(card, blobs, batch, device)
+            for name, card in [("member0", cards[0]), ("member1", cards[1]), ("ensemble", ens)]}
+    seconds = {name: (float("inf"), float("inf")) for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            wall, cpu = run()
+            seconds[name] = (min(seconds[name][0], wall), min(seconds[name][1], cpu))
+    return seconds
+
+
+def _engine_run(card: Path, blobs: list[bytes], batch: int, device):
+    """A function timing one model-only pass of ``card`` over the views of ``blobs`` (after a warm-up)."""
+    model, pp, _ = load_runnable(card)
+    pps = pp if isinstance(pp, tuple) else (pp,)
+    views = [torch.from_numpy(np.stack([centre_view(b, p) for b in blobs])) for p in pps]
+    engine = Engine(model, pp, topk=10, temperature=1.0, compute_batch=batch, device=device)
+
+    def pick(i: int):
+        return tuple(v[i:i + batch] for v in views) if isinstance(pp, tuple) else views[0][i:i + batch]
+
+    engine.run(pick(0))  # warm-up
+
+    def run() -> tuple[float, float]:
+        start, cpu = time.perf_counter(), cpu_seconds()
+        for i in range(0, len(blobs), batch):
+            engine.run(pick(i))
+        return time.perf_counter() - start, cpu_seconds() - cpu
+    return run
+
+
+def bare_both(model, blobs: list[bytes], batch: int) -> np.ndarray:
+    """(forward NCHW, forward channels_last, whole loop NCHW) images/s of bare timm, and the loop's CPU s/image."""
+    return np.array([bare_timm(model, blobs, batch, False), bare_timm(model, blobs, batch, True),
+                     *bare_loop(model.to(memory_format=torch.contiguous_format), blobs, batch)])
+
+
+def report_timm(args, work: Path, blobs: list[bytes], bare: np.ndarray, e2e: tuple[float, float], device) -> None:
+    """The timm lines: end-to-end / bare timm forward (bracketing the end-to-end run), and the ensemble."""
+    nchw, cl, loop, loop_cpu = bare
+    e2e_ips, e2e_cpu = e2e
+    print(f"bare timm    {nchw:8.1f} img/s NCHW, {cl:.1f} img/s channels_last (model(x) on create_transform "
+          f"tensors); {loop:.1f} img/s as a plain loop with decode and transform (NCHW, one process)")
+    print(f"ratio end-to-end / bare timm forward = {e2e_ips / nchw:.2f} (NCHW), {e2e_ips / cl:.2f} (channels_last); "
+          f"/ bare timm loop = {e2e_ips / loop:.2f}")
+    print(f"CPU per image: bare timm loop {loop_cpu * 1e3:.1f} ms, kdpipe end-to-end {e2e_cpu * 1e3:.1f} ms "
+          f"(workers included): ratio bare / kdpipe {loop_cpu / e2e_cpu:.2f}")
+    sec = ensemble_vs_members(work / "ens", args.arch, blobs[:96], args.batch_size, device)
+    for j, clock in enumerate(("wall", "CPU")):
+        ens, m0, m1 = sec["ensemble"][j], sec["member0"][j], sec["member1"][j]
+        print(f"ensemble of 2 model-only (96 images, best of 3, {clock}) {ens:.2f} s vs members {m0:.2f} + "
+              f"{m1:.2f} s: ratio {ens / (m0 + m1):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
@@ -115,27 +234,36 @@ def main() -> None:
         blobs = make_jpegs(work / "jpegs", args.images)
         print(f"{len(blobs)} JPEGs, mean {np.mean([len(b) for b in blobs]) / 1024:.1f} KiB")
         data = ingest(str(work / "jpegs"), work / "data", shard_size=128)["all"]
-        pp = Preprocess()
-        torch.manual_seed(0)
-        model = build_model(args.arch, 1000)
-        card = write_card(work / "teacher", model, arch=args.arch, class_names=[f"c{i}" for i in range(1000)],
-                          preprocess=pp, stage="benchmark")
+        if args.arch.startswith("timm:"):
+            card, timm_model = timm_card(work, args.arch, 0)
+            model, pp, _ = load_runnable(card)
+        else:
+            pp = Preprocess()
+            torch.manual_seed(0)
+            model = build_model(args.arch, 1000)
+            card = write_card(work / "teacher", model, arch=args.arch, class_names=[f"c{i}" for i in range(1000)],
+                              preprocess=pp, stage="benchmark")
         views = np.stack([centre_view(b, pp) for b in blobs])
         engine = Engine(model, pp, topk=10, temperature=1.0, compute_batch=args.batch_size, device=device,
                         compile_model=args.compile)
         model_before, outputs = model_only(engine, views, repeats=1)
         decode_ips = decode_only(data, pp, workers)
-        start = time.perf_counter()
+        bare = bare_both(timm_model, blobs, args.batch_size) if args.arch.startswith("timm:") else None
+        start, cpu = time.perf_counter(), cpu_seconds()
         path = compute_logits(data, card, work / "logits", topk=10, temperature=1.0, batch_size=args.batch_size,
                               num_workers=workers, device=args.device, compile_model=args.compile,
                               gpu_decode=args.gpu_decode)
         e2e_ips = len(blobs) / (time.perf_counter() - start)
+        e2e_cpu = (cpu_seconds() - cpu) / len(blobs)
         model_after, _ = model_only(engine, views, repeats=1)  # brackets the end-to-end run (shared machines)
         model_ips = (model_before + model_after) / 2
         keys = [f"img{i:05d}" for i in range(len(blobs))]
         stored = sum(f["bytes"] for f in mf.load(path).files) / len(blobs)
         b16, b32 = (bytes_per_image(keys, outputs, work, d) for d in ("float16", "float32"))
         s16, s32 = (synthetic_bytes_per_image(work, d) for d in ("float16", "float32"))
+        if args.arch.startswith("timm:"):
+            bare = (bare + bare_both(timm_model, blobs, args.batch_size)) / 2  # before and after end-to-end
+            report_timm(args, work, blobs, bare, (e2e_ips, e2e_cpu), device)
     print(f"model-only   {model_ips:8.1f} img/s  ({args.arch}, {pp.size} px, batch {args.batch_size}; "
           f"{model_before:.1f} before and {model_after:.1f} after the end-to-end run)")
     print(f"decode-only  {decode_ips:8.1f} img/s  ({workers} DataLoader worker(s))")

@@ -9,7 +9,15 @@ Policy (documented in docs/images.md, identical wherever pixels are made):
 - Animated images use their first frame. CMYK is converted with Pillow's CMYK->RGB rule.
 - Geometry: a crop box in original pixel coordinates (floats) resized to ``size x size``; the centre view
   is "resize the shorter side to size / crop_fraction, centre-crop size", computed as one box so memory
-  never grows with extreme aspect ratios.
+  never grows with extreme aspect ratios (``crop_mode`` ``box``, kdpipe's own policy).
+- Imported teachers see images exactly the way their library's eval transform does (``crop_mode``):
+  ``center`` resizes the shorter side to ``resize`` (longer side ``int(resize * long / short)``) and centre-crops
+  ``size`` (torchvision ``Resize`` + ``CenterCrop``: timm, open_clip; offsets rounded half-to-even, or floored
+  with ``crop_offset`` ``floor``: Hugging Face processors); ``squash`` resizes to ``resize x resize`` (aspect ratio
+  not kept) then centre-crops. With ``backend`` ``pil`` these are Pillow's own steps (same pixels as the library),
+  except for an aspect ratio over 16 where only the crop's box is resized (memory bounded; pixels within one
+  level: Pillow may order its two 1-D passes differently); ``backend`` ``torchvision`` resizes the whole image
+  as a uint8 tensor with antialiasing (Hugging Face's torchvision image processors).
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ from PIL import Image, ImageOps
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 DEFAULT_MAX_PIXELS = 40_000_000
-_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+INTERPOLATIONS = tuple(_RESAMPLE)
+CROP_MODES = ("box", "center", "squash")
+CROP_OFFSETS = ("round", "floor")
+BACKENDS = ("pil", "torchvision")
+_LIBRARY_FIELDS = ("crop_mode", "resize", "crop_offset", "backend")  # recorded only when crop_mode is not "box"
 
 
 class SampleError(Exception):
@@ -45,10 +59,26 @@ class Preprocess:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     policy_version: int = 1
+    crop_mode: str = "box"
+    resize: int | None = None     # center/squash: the resized shorter side (squash: both sides) before the crop
+    crop_offset: str = "round"    # center/squash: crop offsets rounded half-to-even (torchvision) or floored (HF)
+    backend: str = "pil"          # center/squash: Pillow resize of a box, or a torchvision tensor resize
+
+    def __post_init__(self):
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode {self.crop_mode!r}: one of {', '.join(CROP_MODES)}")
+        if self.crop_mode != "box" and (self.resize is None or self.resize < self.size):
+            raise ValueError(f"crop_mode {self.crop_mode!r} needs resize >= size ({self.resize} < {self.size})")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation {self.interpolation!r}: one of {', '.join(INTERPOLATIONS)}")
 
     def to_dict(self) -> dict:
+        """Plain JSON; a ``box`` policy gives exactly the keys of policy 1 (cards and fingerprints unchanged)."""
         data = asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
+        if self.crop_mode == "box":
+            for name in _LIBRARY_FIELDS:
+                data.pop(name)
         return data
 
     @classmethod
@@ -56,6 +86,9 @@ class Preprocess:
         data = dict(data)
         data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
         return cls(**data)
+
+
+DIGITS = Preprocess(size=28, crop_fraction=1.0)  # the bundled digits at 28 px: smallcnn's (and the trainer's) default
 
 
 def find_image(fields: dict[str, bytes]) -> bytes:
@@ -129,6 +162,60 @@ def render(img: Image.Image, box: tuple[float, float, float, float], pp: Preproc
     return np.asarray(out, dtype=np.uint8)
 
 
+def resized_size(width: int, height: int, pp: Preprocess) -> tuple[int, int]:
+    """The whole image's size after the library resize of ``center`` / ``squash`` (torchvision's rule)."""
+    if pp.crop_mode == "squash":
+        return pp.resize, pp.resize
+    if width <= height:
+        return pp.resize, int(pp.resize * height / width)
+    return int(pp.resize * width / height), pp.resize
+
+
+def _offset(extra: int, pp: Preprocess) -> int:
+    return extra // 2 if pp.crop_offset == "floor" else int(round(extra / 2.0))
+
+
+def library_view(img: Image.Image, pp: Preprocess) -> np.ndarray:
+    """The ``center`` / ``squash`` view: the library's resize of the whole image, then its centre crop (HWC)."""
+    width, height = img.size
+    new_w, new_h = resized_size(width, height, pp)
+    left, top = _offset(new_w - pp.size, pp), _offset(new_h - pp.size, pp)
+    if pp.backend == "torchvision":
+        return _torchvision_view(img, (new_w, new_h), (left, top), pp)
+    if (new_w, new_h) == (width, height):  # torchvision's Resize returns the image unchanged
+        return np.asarray(img.crop((left, top, left + pp.size, top + pp.size)), dtype=np.uint8)
+    resample = _RESAMPLE[pp.interpolation]
+    if new_w * new_h <= max(16 * pp.resize * pp.resize, width * height):  # the library's own steps, exactly
+        resized = img.resize((new_w, new_h), resample=resample)
+        return np.asarray(resized.crop((left, top, left + pp.size, top + pp.size)), dtype=np.uint8)
+    # an extreme aspect ratio: resize only the crop's box (two 1-D passes; pixels within 1 level of the above)
+    sx, sy = width / new_w, height / new_h
+    rows = img.resize((pp.size, height), resample=resample, box=(left * sx, 0, (left + pp.size) * sx, height))
+    out = rows.resize((pp.size, pp.size), resample=resample, box=(0, top * sy, pp.size, (top + pp.size) * sy))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def _torchvision_view(img: Image.Image, new_size: tuple[int, int], offset: tuple[int, int],
+                      pp: Preprocess) -> np.ndarray:
+    import torch
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
+    mode = InterpolationMode(pp.interpolation)
+    chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+    if new_size != img.size:
+        chw = tvf.resize(chw, [new_size[1], new_size[0]], interpolation=mode, antialias=True)
+    left, top = offset
+    return chw[:, top:top + pp.size, left:left + pp.size].permute(1, 2, 0).contiguous().numpy()
+
+
+def centre_pixels(img: Image.Image, pp: Preprocess) -> np.ndarray:
+    """The centre view of a decoded image as HWC uint8, by the preprocessing's crop mode."""
+    if pp.crop_mode == "box":
+        return render(img, centre_box(*img.size, pp), pp)
+    return library_view(img, pp)
+
+
 def normalise(batch_uint8, pp: Preprocess):
     """Turn an NHWC uint8 torch tensor into normalised NCHW float32 (on the tensor's device)."""
     import torch
@@ -141,8 +228,13 @@ def normalise(batch_uint8, pp: Preprocess):
 
 def centre_view(data: bytes, pp: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode image bytes and render the centre view as HWC uint8 (raises ``SampleError``)."""
+    return centre_pixels(decode(data, max_pixels), pp)
+
+
+def centre_views(data: bytes, pps: tuple[Preprocess, ...], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple:
+    """Decode once, render the centre view of each preprocessing (an ensemble's members)."""
     img = decode(data, max_pixels)
-    return render(img, centre_box(*img.size, pp), pp)
+    return tuple(centre_pixels(img, pp) for pp in pps)
 
 _MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
           (b"BM", "bmp"))

@@ -18,39 +18,13 @@ from pipeline.atomic import publish, staged
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
-from stages.models.classifiers import build_model
+from stages.models import sources
+from stages.models.sources.compose import Ensemble
+from stages.models.sources.weights import load_state_dict  # noqa: F401  (re-exported: the teacher stage loads with it)
 
 WEIGHTS = "weights.safetensors"
 
-
-def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file, or a state dict via ``torch.load(weights_only=True)``.
-
-    Args:
-        path: the weights file.
-        expected_sha256: a pinned digest; checked before a single byte is deserialised.
-
-    Raises ``InputError`` naming the file for anything else (a pickle that carries code is refused).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such weights file")
-    actual = sha256_file(path) if expected_sha256 is not None else None
-    if actual is not None and actual != expected_sha256.lower():
-        raise InputError(f"{path}: sha256 {actual} differs from the pinned {expected_sha256}; "
-                         "refusing to load it (check the file, or the pin in your config)")
-    if path.suffix == ".safetensors":
-        return load_safetensors(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError and friends: refused, never executed
-        raise InputError(f"{path}: refused: not a safetensors file nor a plain tensor state dict "
-                         f"loadable with weights_only=True ({type(exc).__name__}: {exc})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path}: does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+ENSEMBLE = "ensemble"  # the arch of an ensemble card (members in params, no weights of its own)
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -94,18 +68,76 @@ def load_teacher(card: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 def load_classifier(card: str | Path, device: str | torch.device = "cpu",
                     kinds: tuple[str, ...] = ("teacher", "model")) -> tuple[torch.nn.Module, mf.Manifest]:
-    """Load a teacher or model card (weights sha256 checked first); the model is returned in eval mode."""
+    """Load a teacher or model card (weights sha256 checked first); the model is returned in eval mode.
+
+    The module maps images to logits over the card's classes (a class-mapped card included); an ensemble card
+    has no single input and is loaded with ``load_runnable``.
+    """
     manifest = mf.load(card)
     if manifest.kind not in kinds:
         raise InputError(f"{manifest.path}: is a {manifest.kind!r} manifest, expected one of {kinds}")
+    if is_ensemble(manifest):
+        raise InputError(f"{manifest.path}: is an ensemble card; it runs in kdpipe logits (each member with its "
+                         "own preprocessing), not as a single model")
+    return _load_single(manifest).to(device).eval(), manifest
+
+
+def _load_single(manifest: mf.Manifest) -> torch.nn.Module:
     weights = manifest.file_path(manifest.files[0])
     if sha256_file(weights) != manifest.params["weights_sha256"]:
         raise InputError(f"{weights}: sha256 differs from the teacher card {manifest.path}; refusing to load")
-    model = build_model(manifest.params["arch"], manifest.params["num_classes"])
+    model = sources.build(manifest.params)
     model.load_state_dict(load_safetensors(weights), strict=True)
-    return model.to(device).eval(), manifest
+    return sources.runnable(model, manifest.params)
+
+
+def load_runnable(card: str | Path, device: str | torch.device = "cpu"):
+    """(module, preprocessing, manifest) of any teacher or model card, for the logits stage.
+
+    The preprocessing is a ``Preprocess`` for a single model; for an ensemble, the tuple of its members' distinct
+    preprocessings, and the module takes one input per entry (``Ensemble``).
+    """
+    manifest = mf.load(card)
+    if not is_ensemble(manifest):
+        model, manifest = load_classifier(manifest.path, device)
+        return model, preprocess_of(manifest), manifest
+    members = ensemble_members(manifest)
+    pps = preprocesses_of(manifest)
+    inputs = [pps.index(preprocess_of(m)) for m in members]
+    module = Ensemble([_load_single(m) for m in members], inputs, manifest.params["combine"])
+    return module.to(device).eval(), pps, manifest
+
+
+def is_ensemble(manifest: mf.Manifest) -> bool:
+    """Whether a card is an ensemble of member cards."""
+    return manifest.params.get("arch") == ENSEMBLE
+
+
+def ensemble_members(manifest: mf.Manifest) -> list[mf.Manifest]:
+    """An ensemble's member cards, each checked against the id the ensemble recorded."""
+    members = []
+    for entry in manifest.params["members"]:
+        path = (Path(manifest.path).parent / entry["card"]).resolve()
+        member = mf.load(path)
+        if member.id != entry["id"]:
+            raise InputError(f"{manifest.path}: member {path} has id {member.id[:12]}..., the ensemble was made "
+                             f"with {entry['id'][:12]}...; rebuild the ensemble card")
+        members.append(member)
+    return members
+
+
+def preprocesses_of(manifest: mf.Manifest) -> tuple[Preprocess, ...]:
+    """The distinct preprocessings of a card's inputs (one for a single model), in member order."""
+    if not is_ensemble(manifest):
+        return (preprocess_of(manifest),)
+    found = []
+    for entry in manifest.params["members"]:
+        pp = Preprocess.from_dict(entry["preprocess"])
+        if pp not in found:
+            found.append(pp)
+    return tuple(found)
 
 
 def preprocess_of(manifest: mf.Manifest) -> Preprocess:
-    """The preprocessing recorded in a teacher card."""
+    """The preprocessing recorded in a (single-model) teacher card."""
     return Preprocess.from_dict(manifest.params["preprocess"])

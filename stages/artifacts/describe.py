@@ -87,7 +87,8 @@ def _files(manifest: mf.Manifest) -> list[str]:
     files = manifest.files
     size = sum(int(f["bytes"]) for f in files)
     counts = [f"{sum(int(f[k]) for f in files if k in f)} {k}" for k in ("rows", "samples") if any(k in f for f in files)]
-    names = [files[0]["path"]] + ([f"... {files[-1]['path']}"] if len(files) > 1 else [])
+    names = [files[0]["path"]] + ([f"... {files[-1]['path']}"] if len(files) > 1 else []) if files else \
+        ["none (an ensemble card: its members are its inputs)"]
     lines = [f"files: {len(files)} ({', '.join(counts + [_bytes(size)])}): {' '.join(names)}"]
     beside = [name for name in sidecars_for(manifest.data) if (manifest.folder / name).is_file()]
     if beside:

@@ -27,7 +27,7 @@ from pipeline.progress import advance
 from stages import imaging
 from stages.artifacts.views import with_views
 from stages.logits.data import SKIP, ShardRef
-from stages.logits.inference import Engine, gpu_centre_views
+from stages.logits.inference import Engine, gpu_centre_views, views_of
 from stages.logits.write import PartRows, part_table, write_part
 from stages.shardio import ShardStats, read_shard
 from stages.views.spec import AugSpec
@@ -130,7 +130,9 @@ def _drop_nonfinite_images(table, failures: dict):
 def _add_record(window: _Window, record: dict) -> None:
     views = record.get("views") or [None] * len(record["keys"])
     for j, (position, key) in enumerate(zip(record["positions"], record["keys"])):
-        window.add(position, key, pixels=record["pixels"][j], view=views[j])
+        pixels = record["pixels"]
+        window.add(position, key, pixels=tuple(p[j] for p in pixels) if isinstance(pixels, tuple) else pixels[j],
+                   view=views[j])
     for position, key, data in record["raw"]:
         window.add(position, key, raw=data)
     for position, key, reason in record["failed"]:
@@ -149,9 +151,7 @@ def _run_batch(batch: list[tuple], engine: Engine, rows: PartRows, failures: dic
             good.append((key, pixels, view))
     if not good:
         return
-    views = [p for _, p, _ in good]
-    on_host = all(v.device.type == "cpu" for v in views)
-    out = engine.run(torch.stack(views if on_host else [v.to(engine.device) for v in views]))
+    out = engine.run(_stack([p for _, p, _ in good], engine.device))
     keys = [k for k, _, _ in good]
     bad = [keys[j] for j in np.flatnonzero(~out.finite)]
     if bad:
@@ -164,6 +164,14 @@ def _run_batch(batch: list[tuple], engine: Engine, rows: PartRows, failures: dic
     rows.append([k for k, ok in zip(keys, keep) if ok], out.index[keep], out.logit[keep], out.lse[keep],
                 None if out.embedding is None else out.embedding[keep],
                 views=[g[2] for g, ok in zip(good, keep) if ok], lse1=out.lse1[keep])
+
+
+def _stack(views: list, device: torch.device):
+    """One compute batch's pixels: a tensor, or per preprocessing a tensor (an ensemble's views are tuples)."""
+    if isinstance(views[0], tuple):
+        return tuple(_stack([v[i] for v in views], device) for i in range(len(views[0])))
+    on_host = all(v.device.type == "cpu" for v in views)
+    return torch.stack(views if on_host else [v.to(device) for v in views])
 
 
 def _decode_raw(batch: list[tuple], engine: Engine) -> list[tuple]:
@@ -201,7 +209,7 @@ def recoverable_keys(ref: ShardRef, receipt: dict, pp: imaging.Preprocess, engin
 
 def _succeeds(fields: dict, pp: imaging.Preprocess, engine: Engine) -> bool:
     try:
-        view = imaging.centre_view(imaging.find_image(fields), pp)
+        views = views_of(imaging.find_image(fields), engine)
     except imaging.SampleError:
         return False
-    return bool(engine.run(torch.from_numpy(np.array(view))[None]).finite[0])
+    return bool(engine.run(views).finite[0])

@@ -50,7 +50,7 @@ class ShardBlock(IterableDataset):
 
     Args:
         shards: the pending shards, in the order their parts are committed.
-        preprocess: how the model sees an image.
+        preprocess: how the model sees an image; a tuple (an ensemble): each sample gives a tuple of views.
         loader_batch: samples per record a worker sends (does not change any result).
         max_pixels: the decode policy's pixel limit.
         raw_jpeg: send JPEG bytes undecoded (decoded later on the GPU); other formats decode here.
@@ -102,7 +102,8 @@ class ShardBlock(IterableDataset):
                 check_header(data, self.max_pixels)
                 batch.add_raw(position, key, data)
             else:
-                batch.add(position, key, imaging.centre_view(data, self.pp, self.max_pixels))
+                batch.add(position, key, imaging.centre_views(data, self.pp, self.max_pixels)
+                          if isinstance(self.pp, tuple) else imaging.centre_view(data, self.pp, self.max_pixels))
         except imaging.SampleError as exc:
             batch.fail(position, key, exc.reason)
 
@@ -190,7 +191,7 @@ class _Batch:
         self.failed.append((position, key, reason))
 
     def record(self) -> dict:
-        pixels = torch.from_numpy(np.stack(self.pixels)) if self.pixels else torch.empty(0, dtype=torch.uint8)
+        pixels = _stack(self.pixels) if self.pixels else torch.empty(0, dtype=torch.uint8)
         raw = [(p, k, torch.frombuffer(bytearray(d), dtype=torch.uint8)) for p, k, d in self.raw]
         return {"part": self.part, "worker": self.worker, "positions": list(self.positions), "keys": self.keys,
                 "pixels": pixels, "views": self.views, "raw": raw, "failed": self.failed, "end": None}
@@ -199,6 +200,13 @@ class _Batch:
         return {"part": self.part, "worker": self.worker, "positions": [], "keys": [],
                 "pixels": torch.empty(0, dtype=torch.uint8), "views": [], "raw": [], "failed": [],
                 "end": {"error": error, "yielded": yielded, "shard_failures": shard_failures}}
+
+
+def _stack(pixels: list):
+    """A record's pixels: one uint8 tensor, or a tuple of them when each sample has one view per preprocessing."""
+    if isinstance(pixels[0], tuple):
+        return tuple(torch.from_numpy(np.stack([p[i] for p in pixels])) for i in range(len(pixels[0])))
+    return torch.from_numpy(np.stack(pixels))
 
 
 def make_loader(block: ShardBlock, num_workers: int, prefetch: int = 2, pin_memory: bool = False) -> DataLoader:

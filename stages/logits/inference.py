@@ -72,7 +72,8 @@ class Engine:
 
     Args:
         model: the classifier (eval mode is set here).
-        preprocess: normalisation constants and input size.
+        preprocess: normalisation constants and input size; a tuple for an ensemble (``stages.models.sources.
+            compose.Ensemble``): the model then takes one input per entry, and pixels come as a tuple too.
         topk: classes kept per sample.
         temperature: T of lse = logsumexp(z / T).
         compute_batch: images per forward (fixed; part of the fingerprint).
@@ -83,7 +84,9 @@ class Engine:
 
     def __init__(self, model: nn.Module, preprocess: imaging.Preprocess, *, topk: int, temperature: float,
                  compute_batch: int, device: torch.device, embeddings: bool = False, compile_model: bool = False):
-        self.pp, self.topk, self.temperature = preprocess, int(topk), float(temperature)
+        self.pps = preprocess if isinstance(preprocess, tuple) else (preprocess,)
+        self.many = isinstance(preprocess, tuple)
+        self.pp, self.topk, self.temperature = self.pps[0], int(topk), float(temperature)
         self.compute_batch, self.device, self.embeddings = int(compute_batch), device, embeddings
         self.cuda = device.type == "cuda"
         model = model.to(device).eval()
@@ -97,24 +100,26 @@ class Engine:
         elif compile_model:
             log.info("--compile is used on CUDA only; running eagerly on %s", device)
 
-    def run(self, pixels: torch.Tensor) -> Outputs:
-        """Top-K, lse, finiteness (and embeddings) for up to ``compute_batch`` NHWC uint8 images."""
-        n = int(pixels.shape[0])
+    def run(self, pixels: torch.Tensor | tuple[torch.Tensor, ...]) -> Outputs:
+        """Top-K, lse, finiteness (and embeddings) for up to ``compute_batch`` NHWC uint8 images (an ensemble:
+        a tuple, one tensor per preprocessing)."""
+        views = pixels if self.many else (pixels,)
+        n = int(views[0].shape[0])
         if not 0 < n <= self.compute_batch:
             raise ValueError(f"a compute batch holds 1..{self.compute_batch} images, got {n}")
-        x = self._input(pixels, n)
+        xs = [self._input(view, n, pp) for view, pp in zip(views, self.pps)]
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.cuda):
-            out = self.forward_fn(x)
+            out = self.forward_fn(*xs)
         feats, logits = out if self.embeddings else (None, out)
         return self._reduce(logits.float()[:n], None if feats is None else feats.float()[:n])
 
-    def _input(self, pixels: torch.Tensor, n: int) -> torch.Tensor:
+    def _input(self, pixels: torch.Tensor, n: int, pp: imaging.Preprocess) -> torch.Tensor:
         if n < self.compute_batch:  # zero-pad: every forward has the same shape
             pad = pixels.new_zeros((self.compute_batch - n, *pixels.shape[1:]))
             pixels = torch.cat([pixels, pad])
         if self.cuda and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()  # page-locked: the copy below runs asynchronously
-        x = imaging.normalise(pixels.to(self.device, non_blocking=True), self.pp)
+        x = imaging.normalise(pixels.to(self.device, non_blocking=True), pp)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _reduce(self, logits: torch.Tensor, feats: torch.Tensor | None) -> Outputs:
@@ -127,6 +132,13 @@ class Engine:
         return Outputs(index=order[:, : self.topk].cpu().numpy(), logit=values[:, : self.topk].cpu().numpy(),
                        lse=lse.cpu().numpy(), lse1=lse1.cpu().numpy(), finite=finite.cpu().numpy(),
                        embedding=None if emb is None else emb.cpu().numpy())
+
+
+def views_of(data: bytes, engine: Engine):
+    """One image's centre view(s) as a batch of one, the way ``engine`` takes them (raises ``SampleError``)."""
+    if engine.many:
+        return tuple(torch.from_numpy(np.array(v))[None] for v in imaging.centre_views(data, engine.pps))
+    return torch.from_numpy(np.array(imaging.centre_view(data, engine.pp)))[None]
 
 
 def gpu_centre_views(raw: list[tuple[int, str, torch.Tensor]], pp: imaging.Preprocess,

@@ -33,7 +33,7 @@ from pipeline.tasks import failure_totals, file_entries, run_parts, task_info
 from pipeline.tasks import finalize as finalize_parts
 from pipeline.verify import parquet_rows
 from stages import imaging
-from stages.artifacts.cards import load_classifier, preprocess_of
+from stages.artifacts.cards import is_ensemble, load_runnable, preprocesses_of
 from stages.artifacts.logits_format import SCHEMA_VERSION
 from stages.artifacts.sidecars import sidecars_for, with_sidecars
 from stages.logits.assemble import assemble_part, recoverable_keys
@@ -42,7 +42,8 @@ from stages.logits.inference import Engine, compute_mode, resolve_device
 from stages.logits.options import LogitsOptions
 from stages.logits.reuse import Base, load_base, reuse_parts
 from stages.logits.write import CODE_VERSION, LOGIT_TYPES, part_metadata
-from stages.models.classifiers import build_model, classifier_head
+from stages.models import sources
+from stages.models.classifiers import classifier_head
 from stages.views.spec import AugSpec, manifest_views
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Setup:
     card: mf.Manifest
     out: Path
     params: dict
-    preprocess: imaging.Preprocess
+    preprocess: imaging.Preprocess | tuple[imaging.Preprocess, ...]  # an ensemble: one per distinct member view
     device: torch.device
     spec: AugSpec | None = None
 
@@ -158,9 +159,11 @@ def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, top
         raise InputError(f"--device {device!r}: {exc}") from None
     if aug is not None and gpu_decode:
         raise InputError("--gpu-decode renders centre views only; drop it (or --aug) for multi-view logits")
+    _check_library_views(teacher, pp, aug=aug, gpu_decode=gpu_decode, embeddings=embeddings)
     params = {"teacher_id": teacher.id, "teacher_kind": teacher.kind, "dataset_id": data.id,
               "num_classes": int(teacher.params["num_classes"]), "class_names": list(teacher.params["class_names"]),
-              "topk": int(topk), "temperature": float(temperature), "preprocess": pp.to_dict(),
+              "topk": int(topk), "temperature": float(temperature),
+              "preprocess": [p.to_dict() for p in pp] if isinstance(pp, tuple) else pp.to_dict(),
               "views": manifest_views(aug),
               "embedding_dim": None, "logit_dtype": logit_dtype, "parquet_schema_version": SCHEMA_VERSION,
               "compute_batch": int(batch_size), "compute": compute_mode(dev, compile_model, gpu_decode)}
@@ -169,8 +172,9 @@ def prepare(data_manifest: str | Path, card: str | Path, out: str | Path, *, top
     return Setup(data, teacher, out if is_remote_out(out) else Path(out), params, pp, dev, aug)
 
 
-def check_card_against_data(card: mf.Manifest, data: mf.Manifest) -> imaging.Preprocess:
-    """Refuse a card whose classes or preprocessing disagree with the dataset manifest; return its preprocess."""
+def check_card_against_data(card: mf.Manifest, data: mf.Manifest) -> imaging.Preprocess | tuple:
+    """Refuse a card whose classes or preprocessing disagree with the dataset manifest; return its preprocess
+    (an ensemble: the tuple of its members' distinct preprocessings)."""
     names, classes = card.params["class_names"], int(card.params["num_classes"])
     if len(names) != classes:
         raise InputError(f"{card.path}: num_classes={classes} but {len(names)} class names")
@@ -179,15 +183,29 @@ def check_card_against_data(card: mf.Manifest, data: mf.Manifest) -> imaging.Pre
         raise InputError(f"{card.path}: the {card.kind} has {classes} classes {names[:5]}..., but the dataset "
                          f"{data.path} has {data.params.get('num_classes')} {list(theirs)[:5]}...; "
                          "use a card trained on these classes")
-    pp = preprocess_of(card)
-    if pp.policy_version != imaging.Preprocess().policy_version:
-        raise InputError(f"{card.path}: preprocess policy_version {pp.policy_version}, this kdpipe decodes with "
-                         f"{imaging.Preprocess().policy_version}; the logits would not match how it saw images")
+    pps = preprocesses_of(card)
     wanted = data.params.get("preprocess")
-    if wanted is not None and imaging.Preprocess.from_dict(wanted) != pp:
-        raise InputError(f"{card.path}: preprocess {pp.to_dict()} differs from the dataset's {wanted} "
-                         f"({data.path}); use a card that sees images the way this dataset was made for")
-    return pp
+    for pp in pps:
+        if pp.policy_version != imaging.Preprocess().policy_version:
+            raise InputError(f"{card.path}: preprocess policy_version {pp.policy_version}, this kdpipe decodes with "
+                             f"{imaging.Preprocess().policy_version}; the logits would not match how it saw images")
+        if wanted is not None and imaging.Preprocess.from_dict(wanted) != pp:
+            raise InputError(f"{card.path}: preprocess {pp.to_dict()} differs from the dataset's {wanted} "
+                             f"({data.path}); use a card that sees images the way this dataset was made for")
+    return pps if is_ensemble(card) else pps[0]
+
+
+def _check_library_views(card: mf.Manifest, pp, *, aug, gpu_decode: bool, embeddings: bool) -> None:
+    """Refuse options that only work with one model seen through kdpipe's centre box."""
+    many = isinstance(pp, tuple)
+    library = any(p.crop_mode != "box" for p in (pp if many else (pp,)))
+    if many and embeddings:
+        raise InputError(f"--embeddings: {card.path} is an ensemble; store embeddings with one member's card")
+    if (many or library) and aug is not None:
+        raise InputError(f"--aug: {card.path} is {'an ensemble' if many else 'seen through its library transform'}"
+                         f"; recorded views need a card with kdpipe's centre box (crop_mode box)")
+    if (many or library) and gpu_decode:
+        raise InputError(f"--gpu-decode: renders kdpipe's centre box only; drop it for {card.path}")
 
 
 def check_options(card: mf.Manifest, *, topk: int, temperature: float, batch_size: int, logit_dtype: str) -> None:
@@ -204,7 +222,7 @@ def check_options(card: mf.Manifest, *, topk: int, temperature: float, batch_siz
 
 
 def _embedding_dim(card: mf.Manifest) -> int:
-    return int(classifier_head(build_model(card.params["arch"], int(card.params["num_classes"]))).in_features)
+    return int(classifier_head(sources.runnable(sources.build(card.params), card.params)).in_features)
 
 
 def default_workers(device: torch.device | None = None) -> int:
@@ -268,7 +286,7 @@ def _run_block(setup: Setup, store: PartStore, block: range, *, task: dict, num_
 
 
 def _engine(setup: Setup) -> Engine:
-    model, _ = load_classifier(setup.card.path, "cpu")
+    model, _, _ = load_runnable(setup.card.path, "cpu")
     return Engine(model, setup.preprocess, topk=setup.params["topk"], temperature=setup.params["temperature"],
                   compute_batch=setup.params["compute_batch"], device=setup.device,
                   embeddings=setup.params["embedding_dim"] is not None,

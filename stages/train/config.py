@@ -7,13 +7,13 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.options import option
 from stages.artifacts.logits_format import RESIDUAL_POLICIES
-from stages.imaging import Preprocess
+from stages.imaging import DIGITS, Preprocess
 from stages.train.augment import AugmentSpec
 
 CODE_VERSION = "train-1"
 LOSSES = ("hard", "soft", "mix")
 OPTIMIZERS = ("sgd", "adamw")
-DIGITS_PREPROCESS = Preprocess(size=28, crop_fraction=1.0)
+DIGITS_PREPROCESS = DIGITS
 
 
 @dataclass(frozen=True)
