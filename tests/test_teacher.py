@@ -96,7 +96,7 @@ def test_weights_of_another_head_size_are_refused_naming_the_mismatch(tmp_path):
 def test_a_pinned_sha256_is_checked_before_the_weights_are_loaded(tmp_path, monkeypatch):
     save_file(build_model("smallcnn", 3).state_dict(), str(tmp_path / "w.safetensors"))
     digest = sha256_file(tmp_path / "w.safetensors")
-    import stages.artifacts.cards as card_module
+    import stages.models.sources.weights as card_module  # where every weights file is loaded
     loads = []
     monkeypatch.setattr(card_module, "load_file", lambda p: loads.append(p) or pytest.fail("loaded before the check"))
     with pytest.raises(InputError, match=r"w.safetensors: sha256 .* differs from the pinned 0{64}"):

@@ -59,7 +59,7 @@ def test_weights_of_another_architecture_name_the_first_missing_and_unexpected_k
 def test_a_file_that_is_not_safetensors_is_named(tmp_path, caplog):
     (tmp_path / "bad.safetensors").write_bytes(b"this is not a safetensors file at all")
     assert _import(tmp_path, tmp_path / "bad.safetensors", "timm:test_resnet") == 2
-    assert f"{tmp_path / 'bad.safetensors'}: not a readable safetensors file" in caplog.text
+    assert f"{tmp_path / 'bad.safetensors'}: not a valid safetensors file" in caplog.text
 
 
 def test_a_timm_training_checkpoint_and_a_state_dict_bin_import_like_the_safetensors(tmp_path, resnet):

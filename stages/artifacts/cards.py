@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline import manifest as mf
 from pipeline.atomic import publish, staged
@@ -20,20 +19,11 @@ from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
 from stages.models import sources
 from stages.models.sources.compose import Ensemble
-from stages.models.sources.weights import load_state_dict  # noqa: F401  (re-exported: the teacher stage loads with it)
+from stages.models.sources.weights import load_safetensors, load_state_dict  # noqa: F401  (load_state_dict re-exported)
 
 WEIGHTS = "weights.safetensors"
 
 ENSEMBLE = "ensemble"  # the arch of an ensemble card (members in params, no weights of its own)
-
-
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; ``InputError`` naming the file when it is not one (e.g. "header too large")."""
-    try:
-        return load_file(str(path))
-    except SafetensorError as exc:
-        raise InputError(f"{path}: not a valid safetensors file ({exc}); give the weights file itself, "
-                         "not a download page, a truncated copy or another format") from None
 
 
 def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: list[str], preprocess: Preprocess,

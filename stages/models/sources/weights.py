@@ -16,6 +16,16 @@ from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 
 
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; ``InputError`` naming the file when it is not one (e.g. "header too large")."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a valid safetensors file ({exc}); give the weights file itself (not a "
+                         "download page, a truncated copy or another format), or re-save it with "
+                         "safetensors.torch.save_file") from None
+
+
 def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file, or a state dict via ``torch.load(weights_only=True)``.
 
@@ -31,11 +41,7 @@ def load_state_dict(path: str | Path, expected_sha256: str | None = None) -> dic
         raise InputError(f"{path}: sha256 {actual} differs from the pinned {expected_sha256}; "
                          "refusing to load it (check the file, or the pin in your config)")
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc}); re-save it with "
-                             "safetensors.torch.save_file, or give the original state dict") from None
+        return load_safetensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and friends: refused, never executed
