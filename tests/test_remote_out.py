@@ -97,3 +97,66 @@ def test_verify_of_an_artifact_in_the_bucket_re_hashes_its_objects(world, caplog
     caplog.clear()
     assert main(["verify", f"s3://{prefix}/manifest.json"]) == 1
     assert f"s3://{prefix}/part-000001.parquet: sha256 differs" in caplog.text and "intact" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def chain(world, s3_server):
+    """index -> logits -> select -> reshard twice: all on local disk, and pool + every output in the bucket."""
+    root, card, fs = world
+    fs.mkdir("chain")
+    s3_server.upload(root / "pool", "chain/pool")
+    local, remote = str(root / "chain"), "s3://chain/run"
+    for out, pool in ((local, str(root / "pool")), (remote, "s3://chain/pool/")):
+        assert _chain(card, out, pool) == [0, 0, 0, 0]
+    return root, fs, local, remote
+
+
+def _chain(card, out, pool, *stages):
+    steps = {"index": ["index", pool, "--out", f"{out}/pool"],
+             "logits": ["logits", "--data", f"{out}/pool", "--teacher", str(card), "--topk", "2", "--temperature", "1",
+                        "--num-workers", "0", "--out", f"{out}/logits"],
+             "select": ["select", "--logits", f"{out}/logits", "--per-class", "3", "--out", f"{out}/sel"],
+             "reshard": ["reshard", "--selection", f"{out}/sel", "--out", f"{out}/rs", "--keep", "txt,json"]}
+    return [main(steps[name]) for name in (stages or steps)]
+
+
+def test_the_whole_chain_in_a_bucket_equals_the_local_chain_id_for_id_and_part_for_part(chain):
+    root, fs, local, remote = chain
+    for stage in ("pool", "logits", "sel", "rs"):
+        here = mf.load(f"{local}/{stage}")
+        there = json.loads(fs.cat_file(f"chain/run/{stage}/manifest.json"))
+        assert there["id"] == here.id, stage
+        assert [f["sha256"] for f in there["files"]] == [f["sha256"] for f in here.files], stage
+    for name in ("selection_report.json", "per_class.csv", "counts.png", "manifest.json"):
+        assert fs.exists(f"chain/run/sel/report/{name}"), name
+    report = json.loads(fs.cat_file("chain/run/sel/report/manifest.json"))
+    assert report["id"] == mf.load(f"{local}/sel/report").id
+    assert fs.cat_file("chain/run/rs/part-000000.tar") == (root / "chain" / "rs" / "part-000000.tar").read_bytes()
+    assert main(["verify", f"{remote}/rs"]) == 0 and main(["verify", f"{remote}/sel"]) == 0
+
+
+def test_a_rerun_of_the_chain_in_the_bucket_changes_no_object(chain):
+    root, fs, local, remote = chain
+    before = {p: fs.info(p)["ETag"] for p in fs.find("chain/run")}
+    assert _chain(root / "card", remote, "s3://chain/pool/", "select", "reshard") == [0, 0]
+    assert {p: fs.info(p)["ETag"] for p in fs.find("chain/run")} == before
+
+
+@pytest.mark.parametrize("point", ["part.validated:1", "part.published:1"])
+def test_a_sigkill_around_a_reshard_upload_leaves_no_committed_part_and_the_rerun_completes(chain, point):
+    import os
+    import subprocess
+    import sys
+
+    root, fs, local, remote = chain
+    prefix = f"chain/kill-{point.split('.')[1].split(':')[0]}/rs"
+    argv = [sys.executable, "-m", "pipeline", "reshard", "--selection", f"{remote}/sel", "--out", f"s3://{prefix}",
+            "--keep", "txt,json", "--shard-size", "2"]
+    killed = subprocess.run(argv, env={**os.environ, "KDPIPE_FAULT": point}, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not fs.exists(f"{prefix}/_parts/part-000000.json") and not fs.exists(f"{prefix}/manifest.json")
+    assert main(["reshard", "--selection", f"{remote}/sel", "--out", f"s3://{prefix}", "--keep", "txt,json",
+                 "--shard-size", "2"]) == 0
+    rerun = json.loads(fs.cat_file(f"{prefix}/manifest.json"))
+    assert rerun["totals"]["samples"] == mf.load(f"{local}/rs").totals["samples"] and len(rerun["files"]) > 1
+    assert main(["verify", f"s3://{prefix}"]) == 0
