@@ -30,7 +30,7 @@ from pipeline import manifest as mf
 from pipeline.atomic import remove_stale_temps, staged
 from pipeline.errors import FingerprintMismatch, IntegrityError, ManifestError, PartFailed, StorageError
 from pipeline.hashing import sha256_file
-from pipeline.parts import PLAN_NAME, RECEIPTS, PartResult, part_name
+from pipeline.parts import PLAN_NAME, RECEIPTS, FolderScan, PartResult, part_name
 from pipeline.signals import fault_point
 from pipeline.storage import classify, filesystem, sha256_of
 
@@ -189,6 +189,31 @@ class ObjectPartStore:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+
+def scan_prefix(url: str) -> FolderScan:
+    """``pipeline.parts.scan_folder`` of an object-storage prefix (``kdpipe status``): one listing of
+    ``_parts/``, one GET per receipt, failure record and the plan."""
+    fs, scan = filesystem(classify(url).scheme), FolderScan()
+    try:
+        names = fs.ls(f"{url.rstrip('/')}/{RECEIPTS}", detail=False, refresh=True)
+    except FileNotFoundError:
+        return scan
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base != PLAN_NAME and not (base.startswith("part-") and base.endswith(".json")):
+            continue
+        try:
+            record = json.loads(fs.cat_file(name))
+        except (OSError, ValueError):
+            continue
+        if base == PLAN_NAME:
+            scan.plan = record if isinstance(record, dict) else None
+        elif isinstance(record, dict) and isinstance(record.get("part"), int):
+            (scan.failures if base.endswith(".failed.json") else scan.receipts)[record["part"]] = record
+    for index in scan.receipts:
+        scan.failures.pop(index, None)
+    return scan
 
 
 def finalize_remote(store: ObjectPartStore, num_parts: int, build: Callable[[list[dict]], dict],

@@ -170,6 +170,15 @@ def open_random(where: str | Path) -> BinaryIO:
         raise OSError(f"{loc.target}: cannot open ({type(exc).__name__}: {exc})") from exc
 
 
+def put_object(url: str, body: bytes) -> None:
+    """Write one object whole (a single PUT); ``StorageError`` naming it when the store refuses."""
+    loc = classify(url)
+    try:
+        filesystem(loc.scheme).pipe_file(loc.target, body)
+    except Exception as exc:  # botocore / gcsfs errors of a refused write
+        raise StorageError(f"{loc.target}: cannot write ({type(exc).__name__}: {exc})") from None
+
+
 def sha256_of(where: str | Path) -> tuple[str, int]:
     """(hex sha256, bytes) of a local file or remote object, streamed in 1 MiB chunks."""
     digest, size = hashlib.sha256(), 0
