@@ -160,3 +160,18 @@ def test_a_sigkill_around_a_reshard_upload_leaves_no_committed_part_and_the_reru
     rerun = json.loads(fs.cat_file(f"{prefix}/manifest.json"))
     assert rerun["totals"]["samples"] == mf.load(f"{local}/rs").totals["samples"] and len(rerun["files"]) > 1
     assert main(["verify", f"s3://{prefix}"]) == 0
+
+
+def test_select_in_two_map_tasks_with_a_gallery_in_the_bucket_equals_one_local_task(chain):
+    root, fs, local, remote = chain
+    argv = ["select", "--logits", f"{remote}/logits", "--per-class", "3", "--gallery", "1",
+            "--out", "s3://chain/two/sel", "--num-tasks", "2"]
+    assert main([*argv, "--task-index", "0"]) == 0 and not fs.exists("chain/two/sel/manifest.json")
+    assert fs.exists("chain/two/sel/_map/tasks-2/_parts/part-000000.json")
+    assert main([*argv, "--task-index", "1"]) == 0
+    there = json.loads(fs.cat_file("chain/two/sel/manifest.json"))
+    assert there["id"] == mf.load(f"{local}/sel").id
+    report = json.loads(fs.cat_file("chain/two/sel/report/manifest.json"))
+    gallery = [f["path"] for f in report["files"] if f["path"] not in ("selection_report.json", "per_class.csv",
+                                                                      "counts.png", "scores.png")]
+    assert gallery and all(fs.exists(f"chain/two/sel/report/{name}") for name in gallery)
