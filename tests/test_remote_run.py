@@ -64,6 +64,16 @@ def test_run_into_a_bucket_run_dir_then_a_rerun_skips_every_verified_stage(world
     assert "verified" in capsys.readouterr().out
 
 
+def test_train_reads_the_training_shards_from_the_bucket(world, tmp_path):
+    root, card, fs = world
+    if not fs.exists(f"{BUCKET}/run1/reshard/manifest.json"):
+        pytest.skip("needs the run of test_run_into_a_bucket_run_dir_then_a_rerun_skips_every_verified_stage")
+    assert main(["train", "--train", f"s3://{BUCKET}/run1/reshard", "--arch", "smallcnn", "--size", "28",
+                 "--epochs", "1", "--batch-size", "4", "--loss", "hard", "--threads", "1", "--num-workers", "0",
+                 "--out", str(tmp_path / "student")]) == 0
+    assert (tmp_path / "student" / "manifest.json").exists()
+
+
 def test_status_of_a_half_done_stage_in_the_bucket_shows_its_parts(world, capsys):
     root, card, fs = world
     config = _config(root, card, f"s3://{BUCKET}/run2")
