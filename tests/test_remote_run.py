@@ -97,3 +97,10 @@ def test_submit_passes_s3_outputs_through_quoted_and_refuses_a_bucket_run_dir(wo
     remote = _config(root, card, f"s3://{BUCKET}/sub-run")
     assert main(["submit", str(remote), "--dry-run"]) == 2
     assert "`kdpipe submit` writes sbatch scripts" in caplog.text
+
+
+def test_a_sweep_into_a_bucket_run_dir_is_refused_by_name(world, caplog):
+    root, card, _ = world
+    config = _config(root, card, f"s3://{BUCKET}/sweep")
+    assert main(["sweep", str(config), "--stage", "select", "--vary", "per_class=2,3", "--dry-run"]) == 2
+    assert "`kdpipe sweep` writes its plan and report into run_dir" in caplog.text
