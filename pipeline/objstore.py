@@ -30,7 +30,15 @@ from pipeline import manifest as mf
 from pipeline.atomic import remove_stale_temps, staged
 from pipeline.errors import FingerprintMismatch, IntegrityError, ManifestError, PartFailed, StorageError
 from pipeline.hashing import sha256_file
-from pipeline.parts import PLAN_NAME, RECEIPTS, FolderScan, PartResult, part_name
+from pipeline.parts import (
+    FINGERPRINT_PREFIX,
+    PLAN_NAME,
+    RECEIPT_FINGERPRINT,
+    RECEIPTS,
+    FolderScan,
+    PartResult,
+    part_name,
+)
 from pipeline.signals import fault_point
 from pipeline.storage import classify, filesystem, sha256_of
 
@@ -81,6 +89,9 @@ class ObjectPartStore:
         """Refuse a foreign fingerprint; remove local temps of dead writers."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.check_fingerprint()
+        kept = f"{self.receipts_dir}/{FINGERPRINT_PREFIX}{self.fp['hash']}.json"  # the full parameters, once
+        if self._read_json(kept) is None:
+            self._put(kept, json.dumps(self.fp, indent=1, sort_keys=True).encode())
         removed = remove_stale_temps(self.scratch)
         if removed:
             log.info("%s: removed %d stale local temp file(s) of killed uploads", self.out_dir, removed)
@@ -146,11 +157,16 @@ class ObjectPartStore:
 
     def _receipt(self, index: int, tmp: Path, rows: int, result: PartResult, task: dict | None,
                  seconds: float) -> dict:
+        """``PartStore``'s receipt fields (the fingerprint by hash only: its size does not grow with the classes)."""
+        failure_count = sum(len(v) for v in result.failures.values())
+        samples = rows + failure_count if result.samples is None else int(result.samples)
         return {"part": index, "file": self.part_path(index).rsplit("/", 1)[-1], "rows": rows,
                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "input": result.input,
                 "failures": {k: sorted(v) for k, v in sorted(result.failures.items()) if v},
-                "failure_count": sum(len(v) for v in result.failures.values()), "fingerprint": self.fp,
-                "seconds": round(seconds, 3), "host": socket.gethostname(), "task": task or {},
+                "failure_count": failure_count, "samples": samples,
+                "fingerprint": {k: self.fp[k] for k in RECEIPT_FINGERPRINT}, "seconds": round(seconds, 3),
+                "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
+                "finished_at": round(time.time(), 3), "host": socket.gethostname(), "task": task or {},
                 "kdpipe_version": __version__, "extra": result.extra}
 
     def record_failure(self, index: int, reason: str, message: str) -> dict:

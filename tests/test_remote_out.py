@@ -133,6 +133,9 @@ def test_the_whole_chain_in_a_bucket_equals_the_local_chain_id_for_id_and_part_f
     assert report["id"] == mf.load(f"{local}/sel/report").id
     assert fs.cat_file("chain/run/rs/part-000000.tar") == (root / "chain" / "rs" / "part-000000.tar").read_bytes()
     assert main(["verify", f"{remote}/rs"]) == 0 and main(["verify", f"{remote}/sel"]) == 0
+    receipt = json.loads(fs.cat_file("chain/run/logits/_parts/part-000000.json"))  # no class-name list in it
+    assert set(receipt["fingerprint"]) == {"hash", "stage", "code_version"} and receipt["samples_per_s"] > 0
+    assert fs.exists(f"chain/run/logits/_parts/_fingerprint-{receipt['fingerprint']['hash']}.json")
 
 
 def test_a_rerun_of_the_chain_in_the_bucket_changes_no_object(chain):
