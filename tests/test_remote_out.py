@@ -178,3 +178,32 @@ def test_select_in_two_map_tasks_with_a_gallery_in_the_bucket_equals_one_local_t
     gallery = [f["path"] for f in report["files"] if f["path"] not in ("selection_report.json", "per_class.csv",
                                                                       "counts.png", "scores.png")]
     assert gallery and all(fs.exists(f"chain/two/sel/report/{name}") for name in gallery)
+
+
+def test_a_sigkill_in_the_middle_of_a_part_upload_leaves_no_object_and_the_rerun_completes(chain, s3_server):
+    import os
+    import subprocess
+    import sys
+
+    from tests.s3_proxy import KillingProxy
+
+    root, fs, local, remote = chain
+    prefix = "chain/kill-mid/rs"
+    proxy = KillingProxy(int(s3_server.endpoint.rsplit(":", 1)[1]), "rs/part-000001.tar")
+    argv = [sys.executable, "-m", "pipeline", "reshard", "--selection", f"{remote}/sel", "--out", f"s3://{prefix}",
+            "--keep", "txt,json", "--shard-size", "2"]
+    proc = subprocess.Popen(argv, env={**os.environ, "AWS_ENDPOINT_URL": proxy.url}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    proxy.pid = proc.pid
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    proxy.close()
+    assert proxy.killed.is_set() and proc.returncode == -9, err.decode()[-2000:]
+    assert fs.exists(f"{prefix}/_parts/part-000000.json")  # part 0 went up whole before
+    assert not fs.exists(f"{prefix}/part-000001.tar") and not fs.exists(f"{prefix}/_parts/part-000001.json")
+    assert main(argv[3:]) == 0
+    assert json.loads(fs.cat_file(f"{prefix}/manifest.json"))["totals"]["samples"] == \
+        mf.load(f"{local}/rs").totals["samples"]
+    assert main(["verify", f"s3://{prefix}"]) == 0
