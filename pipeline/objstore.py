@@ -5,7 +5,8 @@
 - a part is computed into a local temp file (``$TMPDIR/kdpipe-objstore/<prefix hash>/``, named like
   ``pipeline.atomic``'s temps so a rerun removes those of dead writers), validated, then uploaded as ONE object
   written whole (a single PUT below 5 GiB: the object appears complete or not at all);
-- its receipt ``PREFIX/_parts/part-NNNNNN.json`` is PUT after it: a part object without a receipt does not
+- its receipt ``PREFIX/_parts/part-NNNNNN.json`` (``PartStore``'s fields; the fingerprint by hash, kept whole
+  once in ``_parts/_fingerprint-<hash>.json``) is PUT after it: a part object without a receipt does not
   exist, and a rerun recomputes and overwrites it (there are no temp objects to clean in the bucket);
 - a committed part is one whose receipt has the stage's fingerprint and whose object has the receipt's size
   (``verify``: and its sha256, streamed);
