@@ -31,6 +31,7 @@ from pipeline.hashing import sha256_json
 from pipeline.manifest import MANIFEST_NAME
 from pipeline.safe_yaml import load_yaml, read_yaml_file
 from pipeline.signals import STOP_MODE_ENV
+from pipeline.storage import RemotePath, classify, put_object, scheme_of
 
 CONFIG_HASH_ENV = "KDPIPE_CONFIG_HASH"
 CONFIG_DIR = "_config"
@@ -80,7 +81,7 @@ class Config:
     source: Path | None
     stages: dict[str, Stage] = field(default_factory=dict)
 
-    run_dir = property(lambda self: Path(self.data["run_dir"]))
+    run_dir = property(lambda self: location(self.data["run_dir"]))
     workdir = property(lambda self: Path(self.data["workdir"]))
     python = property(lambda self: self.data["python"])
     name = property(lambda self: self.data["name"])
@@ -173,14 +174,13 @@ def _resolve_stage(name: str, body: dict, data: dict, outs: dict, where: str) ->
     refs: set[str] = set()
     sub = lambda value: _substitute(value, outs, refs, where)
     out = body.get("out", name)
-    out = None if out is None else str(_absolute(sub(out), Path(data["run_dir"])))
+    out = None if out is None else _absolute(sub(out), data["run_dir"])
     mode = body.get("mode") or DEFAULT_MODES.get(body["command"]) or ("array" if "array" in body else "single")
     stage = {
         "command": body["command"], "entry": body.get("entry", "pipeline"),
         "argv": [sub(v) for v in body.get("argv", []) if v is not None],
         "args": {k: ([sub(x) for x in v] if isinstance(v, list) else sub(v)) for k, v in body.get("args", {}).items()},
-        "out": out, "outputs": [] if out is None else [str((Path(out) / o).resolve()) for o in
-                                                       body.get("outputs", ["."])],
+        "out": out, "outputs": [] if out is None else [_absolute(o, out) for o in body.get("outputs", ["."])],
         "mode": mode, "array": int(body.get("array", 1)),
         "task_args": body.get("task_args", ["--no-finalize"] if mode == "array" else []),
         "finalize_args": body.get("finalize_args", ["--finalize"] if mode == "array" else []),
@@ -235,9 +235,20 @@ def references(value: Any) -> set[str]:
     return {m.group(1) for m in _REF.finditer(value) if m.group(1)} if isinstance(value, str) else set()
 
 
-def _absolute(value: str, base: Path) -> Path:
+def _absolute(value: str, base: str | Path) -> str:
+    """``value`` made absolute against ``base``; an object-storage URL (``s3://b/x``) stays one, and a relative
+    path under a URL ``base`` is joined to it (``run_dir: s3://b/run`` puts every stage output in the bucket)."""
+    if scheme_of(str(value)):
+        return classify(str(value)).target.rstrip("/")
+    if scheme_of(str(base)):
+        return str(location(str(base)) / str(value))
     path = Path(os.path.expanduser(value))
-    return (path if path.is_absolute() else base / path).resolve()
+    return str((path if path.is_absolute() else Path(base) / path).resolve())
+
+
+def location(text: str) -> Path | RemotePath:
+    """A resolved config location: a local ``Path``, or a ``RemotePath`` for an ``s3://``/``gs://`` prefix."""
+    return RemotePath(classify(text).target) if scheme_of(text) else Path(text)
 
 
 def _env(env: dict) -> dict[str, str]:
@@ -251,8 +262,8 @@ def _default_python() -> str:
 def _stage(name: str, body: dict) -> Stage:
     return Stage(name=name, command=body["command"], entry=body.get("entry", "pipeline"),
                  argv=[_arg_text(v) for v in body["argv"]],
-                 args=body["args"], out=Path(body["out"]) if body["out"] else None,
-                 outputs=[Path(o) for o in body["outputs"]], mode=body["mode"], array=body["array"],
+                 args=body["args"], out=location(body["out"]) if body["out"] else None,
+                 outputs=[location(o) for o in body["outputs"]], mode=body["mode"], array=body["array"],
                  task_args=list(body["task_args"]), finalize_args=list(body["finalize_args"]),
                  needs=list(body["needs"]), stop=body["stop"], env=dict(body["env"]), slurm=dict(body["slurm"]))
 
@@ -302,7 +313,12 @@ def resolved_document(config: Config) -> bytes:
 
 def write_resolved(config: Config, folder: Path) -> Path:
     """Write the resolved config into ``folder/_config/config-<hash12>.json`` (kept per hash); return it."""
-    target = Path(folder) / CONFIG_DIR / f"config-{config.hash[:12]}.json"
+    folder = folder if isinstance(folder, RemotePath) else Path(folder)
+    target = folder / CONFIG_DIR / f"config-{config.hash[:12]}.json"
+    if isinstance(target, RemotePath):
+        if not target.exists():
+            put_object(str(target), resolved_document(config))
+        return target
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, resolved_document(config))
@@ -311,16 +327,19 @@ def write_resolved(config: Config, folder: Path) -> Path:
 
 def write_run_config(config: Config) -> Path:
     """Write ``RUN_DIR/config.resolved.json`` (the latest resolved config; ``kdpipe status RUN_DIR`` reads it)."""
-    config.run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(config, config.run_dir)
     target = config.run_dir / RESOLVED_NAME
+    if isinstance(target, RemotePath):  # run_dir in object storage: one object written whole
+        put_object(str(target), resolved_document(config))
+        return target
+    config.run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(target, resolved_document(config))
     return target
 
 
 def load_resolved(run_dir: Path) -> Config:
     """The config saved in a run folder by ``run``/``submit`` (no re-resolution: paths are already absolute)."""
-    path = Path(run_dir) / RESOLVED_NAME
+    path = (run_dir if isinstance(run_dir, RemotePath) else location(str(run_dir))) / RESOLVED_NAME
     try:
         body = json.loads(path.read_bytes())
         data = body["config"]

@@ -83,8 +83,11 @@ def _identity(entry: Any) -> Any:
 
 def input_ref(manifest: "Manifest", out_dir: Path, role: str | None = None) -> dict:
     """Lineage entry for ``manifest`` as seen from a new manifest in ``out_dir`` (path is informational)."""
-    ref = {"kind": manifest.kind, "id": manifest.id,
-           "path": os.path.relpath(manifest.path.resolve(), Path(out_dir).resolve())}
+    if isinstance(manifest.path, RemotePath) or classify(str(out_dir)).remote:  # absolute across stores
+        where = str(manifest.path if isinstance(manifest.path, RemotePath) else manifest.path.resolve())
+    else:
+        where = os.path.relpath(manifest.path.resolve(), Path(out_dir).resolve())
+    ref = {"kind": manifest.kind, "id": manifest.id, "path": where}
     if role:
         ref["role"] = role
     return ref
@@ -177,19 +180,19 @@ class RemoteManifest(Manifest):
         return self.folder / entry["path"]
 
 
-def load(path: str | Path, kind: str | None = None, remote_ok: bool = False) -> Manifest:
+def load(path: str | Path, kind: str | None = None, remote_ok: bool = True) -> Manifest:
     """Load and validate a manifest (JSON, schema, version, id, every file path) before any work starts.
 
     Args:
-        path: the manifest file, or a folder holding ``manifest.json``; with ``remote_ok``, also an object URL
-            or prefix (``s3://b/run/logits``).
+        path: the manifest file, or a folder holding ``manifest.json``; also an object URL or prefix
+            (``s3://b/run/logits``): its relative entries are then ``RemotePath`` objects under that prefix.
         kind: the expected kind; another kind is refused.
-        remote_ok: the caller reads ``RemotePath`` entries (``verify``); other readers refuse a URL by name.
+        remote_ok: False for a reader that only reads local files (a URL is then refused by name).
     """
     loc = classify(str(path))
     if loc.remote and not remote_ok:
-        raise ManifestError(f"{loc.target}: a manifest in object storage is read by `kdpipe verify` only; copy "
-                            "the prefix to a folder (or mount the bucket) to use it as a stage input")
+        raise ManifestError(f"{loc.target}: this reader takes a local manifest only; copy "
+                            "the prefix to a folder (or mount the bucket)")
     path = RemotePath(loc.target) if loc.remote else Path(path)
     if (path.name != MANIFEST_NAME) if isinstance(path, RemotePath) else path.is_dir():
         path = path / MANIFEST_NAME

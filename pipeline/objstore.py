@@ -5,7 +5,8 @@
 - a part is computed into a local temp file (``$TMPDIR/kdpipe-objstore/<prefix hash>/``, named like
   ``pipeline.atomic``'s temps so a rerun removes those of dead writers), validated, then uploaded as ONE object
   written whole (a single PUT below 5 GiB: the object appears complete or not at all);
-- its receipt ``PREFIX/_parts/part-NNNNNN.json`` is PUT after it: a part object without a receipt does not
+- its receipt ``PREFIX/_parts/part-NNNNNN.json`` (``PartStore``'s fields; the fingerprint by hash, kept whole
+  once in ``_parts/_fingerprint-<hash>.json``) is PUT after it: a part object without a receipt does not
   exist, and a rerun recomputes and overwrites it (there are no temp objects to clean in the bucket);
 - a committed part is one whose receipt has the stage's fingerprint and whose object has the receipt's size
   (``verify``: and its sha256, streamed);
@@ -30,7 +31,15 @@ from pipeline import manifest as mf
 from pipeline.atomic import remove_stale_temps, staged
 from pipeline.errors import FingerprintMismatch, IntegrityError, ManifestError, PartFailed, StorageError
 from pipeline.hashing import sha256_file
-from pipeline.parts import PLAN_NAME, RECEIPTS, PartResult, part_name
+from pipeline.parts import (
+    FINGERPRINT_PREFIX,
+    PLAN_NAME,
+    RECEIPT_FINGERPRINT,
+    RECEIPTS,
+    FolderScan,
+    PartResult,
+    part_name,
+)
 from pipeline.signals import fault_point
 from pipeline.storage import classify, filesystem, sha256_of
 
@@ -81,6 +90,9 @@ class ObjectPartStore:
         """Refuse a foreign fingerprint; remove local temps of dead writers."""
         self.scratch.mkdir(parents=True, exist_ok=True)
         self.check_fingerprint()
+        kept = f"{self.receipts_dir}/{FINGERPRINT_PREFIX}{self.fp['hash']}.json"  # the full parameters, once
+        if self._read_json(kept) is None:
+            self._put(kept, json.dumps(self.fp, indent=1, sort_keys=True).encode())
         removed = remove_stale_temps(self.scratch)
         if removed:
             log.info("%s: removed %d stale local temp file(s) of killed uploads", self.out_dir, removed)
@@ -146,11 +158,16 @@ class ObjectPartStore:
 
     def _receipt(self, index: int, tmp: Path, rows: int, result: PartResult, task: dict | None,
                  seconds: float) -> dict:
+        """``PartStore``'s receipt fields (the fingerprint by hash only: its size does not grow with the classes)."""
+        failure_count = sum(len(v) for v in result.failures.values())
+        samples = rows + failure_count if result.samples is None else int(result.samples)
         return {"part": index, "file": self.part_path(index).rsplit("/", 1)[-1], "rows": rows,
                 "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp), "input": result.input,
                 "failures": {k: sorted(v) for k, v in sorted(result.failures.items()) if v},
-                "failure_count": sum(len(v) for v in result.failures.values()), "fingerprint": self.fp,
-                "seconds": round(seconds, 3), "host": socket.gethostname(), "task": task or {},
+                "failure_count": failure_count, "samples": samples,
+                "fingerprint": {k: self.fp[k] for k in RECEIPT_FINGERPRINT}, "seconds": round(seconds, 3),
+                "samples_per_s": round(samples / seconds, 1) if seconds > 0 else None,
+                "finished_at": round(time.time(), 3), "host": socket.gethostname(), "task": task or {},
                 "kdpipe_version": __version__, "extra": result.extra}
 
     def record_failure(self, index: int, reason: str, message: str) -> dict:
@@ -189,6 +206,31 @@ class ObjectPartStore:
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
+
+
+def scan_prefix(url: str) -> FolderScan:
+    """``pipeline.parts.scan_folder`` of an object-storage prefix (``kdpipe status``): one listing of
+    ``_parts/``, one GET per receipt, failure record and the plan."""
+    fs, scan = filesystem(classify(url).scheme), FolderScan()
+    try:
+        names = fs.ls(f"{url.rstrip('/')}/{RECEIPTS}", detail=False, refresh=True)
+    except FileNotFoundError:
+        return scan
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base != PLAN_NAME and not (base.startswith("part-") and base.endswith(".json")):
+            continue
+        try:
+            record = json.loads(fs.cat_file(name))
+        except (OSError, ValueError):
+            continue
+        if base == PLAN_NAME:
+            scan.plan = record if isinstance(record, dict) else None
+        elif isinstance(record, dict) and isinstance(record.get("part"), int):
+            (scan.failures if base.endswith(".failed.json") else scan.receipts)[record["part"]] = record
+    for index in scan.receipts:
+        scan.failures.pop(index, None)
+    return scan
 
 
 def finalize_remote(store: ObjectPartStore, num_parts: int, build: Callable[[list[dict]], dict],

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,6 +154,31 @@ class _Guarded:
         return True
 
 
+def open_random(where: str | Path) -> BinaryIO:
+    """A seekable binary file of a local path or remote object (Parquet reads its footer first); the caller
+    closes it. ``OSError`` naming the object when it cannot be opened."""
+    loc = classify(where)
+    if not loc.remote:
+        return open(loc.target, "rb")
+    fs = filesystem(loc.scheme)
+    fs.invalidate_cache(loc.target)
+    try:
+        return fs.open(loc.target, "rb", block_size=_BLOCK)
+    except OSError:
+        raise
+    except Exception as exc:  # botocore / aiohttp errors of a bad object
+        raise OSError(f"{loc.target}: cannot open ({type(exc).__name__}: {exc})") from exc
+
+
+def put_object(url: str, body: bytes) -> None:
+    """Write one object whole (a single PUT); ``StorageError`` naming it when the store refuses."""
+    loc = classify(url)
+    try:
+        filesystem(loc.scheme).pipe_file(loc.target, body)
+    except Exception as exc:  # botocore / gcsfs errors of a refused write
+        raise StorageError(f"{loc.target}: cannot write ({type(exc).__name__}: {exc})") from None
+
+
 def sha256_of(where: str | Path) -> tuple[str, int]:
     """(hex sha256, bytes) of a local file or remote object, streamed in 1 MiB chunks."""
     digest, size = hashlib.sha256(), 0
@@ -197,7 +223,8 @@ class RemotePath:
         self.name = self.url.rsplit("/", 1)[-1]
 
     def __truediv__(self, name: str) -> "RemotePath":
-        return RemotePath(f"{self.url}/{name}")
+        scheme, rest = self.url.split("://", 1)
+        return RemotePath(f"{scheme}://{posixpath.normpath(f'{rest}/{name}')}")  # run/sel/../logits: run/logits
 
     @property
     def parent(self) -> "RemotePath":
@@ -211,6 +238,10 @@ class RemotePath:
 
     def is_dir(self) -> bool:
         return bool(filesystem(classify(self.url).scheme).isdir(self.url))
+
+    def stat(self) -> os.stat_result:
+        """Only ``st_size`` is meaningful (the object's bytes)."""
+        return os.stat_result((0, 0, 0, 0, 0, 0, size_of(self.url), 0, 0, 0))
 
     def read_bytes(self) -> bytes:
         with open_read(self.url) as stream:

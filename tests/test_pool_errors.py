@@ -75,15 +75,16 @@ def test_verify_of_urls_that_cannot_be_read_is_not_intact(pool, tmp_path, http_s
 
 @pytest.mark.parametrize("command", [["reshard", "--selection", "S"], ["select", "--logits", "L", "--per-class", "1"],
                                      ["index", "pool"]])
-def test_an_object_storage_out_is_refused_by_name_and_makes_no_local_folder(command, tmp_path, monkeypatch, caplog):
+def test_a_read_only_url_as_out_is_refused_by_name_and_makes_no_local_folder(command, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    assert main([*command, "--out", "s3://bucket/x"]) == 2
-    assert "--out s3://bucket/x: `kdpipe" in caplog.text and not (tmp_path / "s3:").exists()
+    assert main([*command, "--out", "https://host/x"]) == 2
+    assert "--out https://host/x: `kdpipe" in caplog.text and "http(s) is read-only" in caplog.text
+    assert not (tmp_path / "https:").exists()
 
 
-def test_a_manifest_in_a_bucket_as_a_stage_input_is_refused_by_name(tmp_path, caplog):
-    assert main(["select", "--logits", "s3://bucket/run/logits", "--per-class", "1", "--out", str(tmp_path)]) == 2
-    assert "s3://bucket/run/logits: a manifest in object storage is read by `kdpipe verify` only" in caplog.text
+def test_an_object_storage_out_of_a_stage_that_writes_folders_only_is_refused_by_name(tmp_path, caplog):
+    assert main(["dedup", "--query", "L", "--out", "s3://bucket/x"]) == 2
+    assert "--out s3://bucket/x: `kdpipe dedup` writes its parts to a local or shared-filesystem folder" in caplog.text
 
 
 def test_a_hand_written_manifest_pointing_outside_its_folder_points_to_index(pool, tmp_path, caplog):

@@ -97,3 +97,113 @@ def test_verify_of_an_artifact_in_the_bucket_re_hashes_its_objects(world, caplog
     caplog.clear()
     assert main(["verify", f"s3://{prefix}/manifest.json"]) == 1
     assert f"s3://{prefix}/part-000001.parquet: sha256 differs" in caplog.text and "intact" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def chain(world, s3_server):
+    """index -> logits -> select -> reshard twice: all on local disk, and pool + every output in the bucket."""
+    root, card, fs = world
+    fs.mkdir("chain")
+    s3_server.upload(root / "pool", "chain/pool")
+    local, remote = str(root / "chain"), "s3://chain/run"
+    for out, pool in ((local, str(root / "pool")), (remote, "s3://chain/pool/")):
+        assert _chain(card, out, pool) == [0, 0, 0, 0]
+    return root, fs, local, remote
+
+
+def _chain(card, out, pool, *stages):
+    steps = {"index": ["index", pool, "--out", f"{out}/pool"],
+             "logits": ["logits", "--data", f"{out}/pool", "--teacher", str(card), "--topk", "2", "--temperature", "1",
+                        "--num-workers", "0", "--out", f"{out}/logits"],
+             "select": ["select", "--logits", f"{out}/logits", "--per-class", "3", "--out", f"{out}/sel"],
+             "reshard": ["reshard", "--selection", f"{out}/sel", "--out", f"{out}/rs", "--keep", "txt,json"]}
+    return [main(steps[name]) for name in (stages or steps)]
+
+
+def test_the_whole_chain_in_a_bucket_equals_the_local_chain_id_for_id_and_part_for_part(chain):
+    root, fs, local, remote = chain
+    for stage in ("pool", "logits", "sel", "rs"):
+        here = mf.load(f"{local}/{stage}")
+        there = json.loads(fs.cat_file(f"chain/run/{stage}/manifest.json"))
+        assert there["id"] == here.id, stage
+        assert [f["sha256"] for f in there["files"]] == [f["sha256"] for f in here.files], stage
+    for name in ("selection_report.json", "per_class.csv", "counts.png", "manifest.json"):
+        assert fs.exists(f"chain/run/sel/report/{name}"), name
+    report = json.loads(fs.cat_file("chain/run/sel/report/manifest.json"))
+    assert report["id"] == mf.load(f"{local}/sel/report").id
+    assert fs.cat_file("chain/run/rs/part-000000.tar") == (root / "chain" / "rs" / "part-000000.tar").read_bytes()
+    assert main(["verify", f"{remote}/rs"]) == 0 and main(["verify", f"{remote}/sel"]) == 0
+    receipt = json.loads(fs.cat_file("chain/run/logits/_parts/part-000000.json"))  # no class-name list in it
+    assert set(receipt["fingerprint"]) == {"hash", "stage", "code_version"} and receipt["samples_per_s"] > 0
+    assert fs.exists(f"chain/run/logits/_parts/_fingerprint-{receipt['fingerprint']['hash']}.json")
+
+
+def test_a_rerun_of_the_chain_in_the_bucket_changes_no_object(chain):
+    root, fs, local, remote = chain
+    before = {p: fs.info(p)["ETag"] for p in fs.find("chain/run")}
+    assert _chain(root / "card", remote, "s3://chain/pool/", "select", "reshard") == [0, 0]
+    assert {p: fs.info(p)["ETag"] for p in fs.find("chain/run")} == before
+
+
+@pytest.mark.parametrize("point", ["part.validated:1", "part.published:1"])
+def test_a_sigkill_around_a_reshard_upload_leaves_no_committed_part_and_the_rerun_completes(chain, point):
+    import os
+    import subprocess
+    import sys
+
+    root, fs, local, remote = chain
+    prefix = f"chain/kill-{point.split('.')[1].split(':')[0]}/rs"
+    argv = [sys.executable, "-m", "pipeline", "reshard", "--selection", f"{remote}/sel", "--out", f"s3://{prefix}",
+            "--keep", "txt,json", "--shard-size", "2"]
+    killed = subprocess.run(argv, env={**os.environ, "KDPIPE_FAULT": point}, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not fs.exists(f"{prefix}/_parts/part-000000.json") and not fs.exists(f"{prefix}/manifest.json")
+    assert main(["reshard", "--selection", f"{remote}/sel", "--out", f"s3://{prefix}", "--keep", "txt,json",
+                 "--shard-size", "2"]) == 0
+    rerun = json.loads(fs.cat_file(f"{prefix}/manifest.json"))
+    assert rerun["totals"]["samples"] == mf.load(f"{local}/rs").totals["samples"] and len(rerun["files"]) > 1
+    assert main(["verify", f"s3://{prefix}"]) == 0
+
+
+def test_select_in_two_map_tasks_with_a_gallery_in_the_bucket_equals_one_local_task(chain):
+    root, fs, local, remote = chain
+    argv = ["select", "--logits", f"{remote}/logits", "--per-class", "3", "--gallery", "1",
+            "--out", "s3://chain/two/sel", "--num-tasks", "2"]
+    assert main([*argv, "--task-index", "0"]) == 0 and not fs.exists("chain/two/sel/manifest.json")
+    assert fs.exists("chain/two/sel/_map/tasks-2/_parts/part-000000.json")
+    assert main([*argv, "--task-index", "1"]) == 0
+    there = json.loads(fs.cat_file("chain/two/sel/manifest.json"))
+    assert there["id"] == mf.load(f"{local}/sel").id
+    report = json.loads(fs.cat_file("chain/two/sel/report/manifest.json"))
+    gallery = [f["path"] for f in report["files"] if f["path"] not in ("selection_report.json", "per_class.csv",
+                                                                      "counts.png", "scores.png")]
+    assert gallery and all(fs.exists(f"chain/two/sel/report/{name}") for name in gallery)
+
+
+def test_a_sigkill_in_the_middle_of_a_part_upload_leaves_no_object_and_the_rerun_completes(chain, s3_server):
+    import os
+    import subprocess
+    import sys
+
+    from tests.s3_proxy import KillingProxy
+
+    root, fs, local, remote = chain
+    prefix = "chain/kill-mid/rs"
+    proxy = KillingProxy(int(s3_server.endpoint.rsplit(":", 1)[1]), "rs/part-000001.tar")
+    argv = [sys.executable, "-m", "pipeline", "reshard", "--selection", f"{remote}/sel", "--out", f"s3://{prefix}",
+            "--keep", "txt,json", "--shard-size", "2"]
+    proc = subprocess.Popen(argv, env={**os.environ, "AWS_ENDPOINT_URL": proxy.url}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    proxy.pid = proc.pid
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    proxy.close()
+    assert proxy.killed.is_set() and proc.returncode == -9, err.decode()[-2000:]
+    assert fs.exists(f"{prefix}/_parts/part-000000.json")  # part 0 went up whole before
+    assert not fs.exists(f"{prefix}/part-000001.tar") and not fs.exists(f"{prefix}/_parts/part-000001.json")
+    assert main(argv[3:]) == 0
+    assert json.loads(fs.cat_file(f"{prefix}/manifest.json"))["totals"]["samples"] == \
+        mf.load(f"{local}/rs").totals["samples"]
+    assert main(["verify", f"s3://{prefix}"]) == 0

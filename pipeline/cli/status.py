@@ -19,10 +19,12 @@ from typing import Callable
 
 from pipeline import manifest as mf
 from pipeline.cli.submit import load_submissions
-from pipeline.config import RESOLVED_NAME, Config, Stage, load_config, load_resolved
+from pipeline.config import RESOLVED_NAME, Config, Stage, load_config, load_resolved, location
 from pipeline.errors import KdpipeError
+from pipeline.objstore import scan_prefix
 from pipeline.parts import RECEIPTS, part_name, scan_folder
 from pipeline.progress import format_eta, throughput
+from pipeline.storage import RemotePath
 from pipeline.verify import verify
 
 Runner = Callable[[list[str]], str]
@@ -67,9 +69,11 @@ class StageStatus:
 
 def folder_status(folder: Path, verify_files: bool = False, checks: dict | None = None) -> FolderStatus:
     """Status of one stage output folder from one scan of its receipts and its manifest."""
-    folder = Path(folder)
-    scan = scan_folder(folder)
-    status = FolderStatus(str(folder), committed=len(scan.receipts), has_parts=(folder / RECEIPTS).is_dir(),
+    folder = folder if isinstance(folder, RemotePath) else location(str(folder))
+    remote = isinstance(folder, RemotePath)
+    scan = scan_prefix(str(folder)) if remote else scan_folder(folder)
+    has_parts = bool(scan.receipts or scan.failures or scan.plan) if remote else (folder / RECEIPTS).is_dir()
+    status = FolderStatus(str(folder), committed=len(scan.receipts), has_parts=has_parts,
                           failed={i: {k: r.get(k) for k in ("reason", "message", "attempts")}
                                   for i, r in sorted(scan.failures.items())})
     if scan.plan and isinstance(scan.plan.get("num_parts"), int):
@@ -138,14 +142,17 @@ def stage_status(stage: Stage, jobs: list[dict], states: dict[str, Counter], ver
 def collect(target: Path, overrides: list[str] | None = None, *, verify_files: bool = False,
             runner: Runner | None = None, checks: dict | None = None) -> list[StageStatus]:
     """Status of a config file, a run folder (``config.resolved.json``) or one stage output folder."""
-    target = Path(target)
-    if target.is_dir() and not (target / RESOLVED_NAME).is_file():
-        if not (target / RECEIPTS).is_dir() and not (target / mf.MANIFEST_NAME).is_file():
+    target = location(str(target))
+    remote = isinstance(target, RemotePath)  # an s3:// or gs:// prefix: a run folder or a stage output there
+    is_run = (target / RESOLVED_NAME).is_file()
+    if not is_run and (remote or target.is_dir()):
+        parts = scan_prefix(str(target)).receipts if remote else (target / RECEIPTS).is_dir()
+        if not parts and not (target / mf.MANIFEST_NAME).is_file():
             raise KdpipeError(f"{target}: neither a run folder ({RESOLVED_NAME}) nor a stage output folder "
                               f"({RECEIPTS}/ or {mf.MANIFEST_NAME}); give the config file or the run folder")
         stage = StageStatus(target.name, "?", "?", [folder_status(target, verify_files, checks)])
         return [stage]
-    config: Config = load_resolved(target) if target.is_dir() else load_config(target, overrides or [])
+    config: Config = load_resolved(target) if is_run else load_config(target, overrides or [])
     submissions = load_submissions(config.run_dir)
     latest = submissions[-1]["jobs"] if submissions else []
     states = slurm_states([j["job_id"] for j in latest if j.get("job_id")], runner)

@@ -32,6 +32,7 @@ from pipeline.cli.run import stage_problems
 from pipeline.config import Config, Stage, stage_argv, stage_env, write_resolved, write_run_config
 from pipeline.errors import InputError
 from pipeline.signals import EXIT_REQUEUE
+from pipeline.storage import RemotePath
 from stages.artifacts.checks import CHECKS
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,10 @@ def submit(config: Config, names: list[str] | None = None, *, dry_run: bool = Fa
         skip_complete: leave out stages whose manifests exist and verify.
         runner: runs an sbatch argv and returns its stdout (tests; default ``subprocess``).
     """
+    if isinstance(config.run_dir, RemotePath):
+        raise InputError(f"run_dir {config.run_dir}: `kdpipe submit` writes sbatch scripts, logs and jobs.json "
+                         "into run_dir, which must be a shared folder; keep run_dir on disk and give the stages "
+                         "an s3:// or gs:// out (out: s3://bucket/run/logits)")
     checks = CHECKS
     complete: dict[str, bool] = {}  # verified once per stage: a check re-hashes every file of the stage
 

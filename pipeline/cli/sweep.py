@@ -33,6 +33,7 @@ from pipeline.config import Config, apply_overrides, config_from_dict, reference
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
 from pipeline.safe_yaml import read_yaml_file
+from pipeline.storage import RemotePath
 
 SWEEP_KEY = "x-sweep"
 PLAN_NAME = "sweep.yaml"
@@ -341,6 +342,9 @@ def plan_sweep(path: Path, *, overrides: list[str] = (), out: Path | None = None
     spec = make_spec(raw, stage=stage, vary=list(vary), seeds=seeds, seed_stages=seed_stages, evaluate=evaluate)
     base = config_from_dict(raw, cwd=cwd, source=path)  # resolves the plain config: refs and names checked
     run_dir = Path(out).resolve() if out is not None else base.run_dir
+    if isinstance(run_dir, RemotePath):
+        raise InputError(f"run_dir {run_dir}: `kdpipe sweep` writes its plan and report into run_dir, which must be "
+                         "a folder; keep run_dir on disk and give the shard stages an s3:// out")
     combined, runs = expand(raw, spec, run_dir, base.workdir)
     config = config_from_dict(combined, cwd=cwd, source=Path(path))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import manifest as mf
 from pipeline.errors import ManifestError
+from pipeline.storage import scheme_of
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 
 log = logging.getLogger(__name__)
@@ -28,11 +29,13 @@ class Lineage:
     dataset: mf.Manifest
 
 
-def input_path(manifest: mf.Manifest, role: str) -> Path:
-    """The path of ``manifest``'s input of ``role`` (relative to its folder); ``ManifestError`` if absent."""
+def input_path(manifest: mf.Manifest, role: str) -> Path | str:
+    """The path of ``manifest``'s input of ``role`` (relative to its folder, or absolute, or an object URL
+    when one of the two lives in object storage); ``ManifestError`` if absent."""
     for ref in manifest.inputs:
         if ref.get("role") == role and ref.get("path"):
-            return manifest.folder / ref["path"]
+            where = ref["path"]
+            return where if scheme_of(where) or Path(where).is_absolute() else manifest.folder / where
     raise ManifestError(f"{manifest.path}: no input of role {role!r} with a path; name it explicitly")
 
 

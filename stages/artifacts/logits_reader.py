@@ -24,9 +24,8 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
-from pipeline.hashing import sha256_file
 from stages.artifacts.logits_format import READ_VERSIONS, fixed_list_to_numpy, read_metadata
-from stages.artifacts.parquet import open_parquet
+from stages.artifacts.parquet import checksum, open_parquet
 
 # Parquet metadata keys that must equal the manifest's params in every part (also ``kdpipe verify``'s check).
 AGREEING = ("temperature", "topk", "num_classes", "teacher_id", "dataset_id")
@@ -58,8 +57,8 @@ class LogitsSet:
     def part_path(self, index: int) -> Path:
         """Local path of part ``index`` (the manifest's ``files[index]``)."""
         where = self.manifest.file_path(self.manifest.files[index])
-        if isinstance(where, str):
-            raise ManifestError(f"{self.manifest.path}: remote logits parts ({where}) are not supported yet")
+        if isinstance(where, str):  # an external URL: a logits manifest never lists one
+            raise ManifestError(f"{self.manifest.path}: logits part {where} is external; refusing it")
         return where
 
     def open_part(self, index: int, verify: bool = True) -> pq.ParquetFile:
@@ -67,7 +66,7 @@ class LogitsSet:
         entry, path = self.manifest.files[index], self.part_path(index)
         if not path.is_file():
             raise IntegrityError(f"{path}: listed in {self.manifest.path} but missing")
-        if path.stat().st_size != entry["bytes"] or (verify and sha256_file(path) != entry["sha256"]):
+        if path.stat().st_size != entry["bytes"] or (verify and checksum(path) != entry["sha256"]):
             raise IntegrityError(f"{path}: size or sha256 differs from {self.manifest.path}; refusing to read it")
         handle = open_parquet(path, hint="; recompute it (`kdpipe verify` lists every damaged part)", pre_buffer=False)
         self._check_metadata(path, read_metadata(handle.schema_arrow), handle.metadata.num_rows, entry)

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import IntegrityError, KdpipeError
+from pipeline.hashing import sha256_file
+from pipeline.storage import classify, open_random, sha256_of
 
 ROW_GROUP = 1 << 20
 
@@ -19,6 +21,17 @@ def write_parquet(table: pa.Table, path: Path, compression: str = "zstd", row_gr
     others = [c for c in table.column_names if c not in ("key", "matched_key")]
     pq.write_table(table, path, compression=compression, row_group_size=row_group, write_statistics=others,
                    use_dictionary=others)
+
+
+def source(path) -> Path | str | object:
+    """What pyarrow reads ``path`` from: the path itself, or a seekable stream of an object in a bucket
+    (``s3://...`` strings and ``RemotePath``; pyarrow's own S3 client is not used: one set of credentials)."""
+    return open_random(path) if classify(str(path)).remote else path
+
+
+def checksum(path) -> str:
+    """sha256 of a local file, or of an object streamed from its bucket."""
+    return sha256_of(path)[0] if classify(str(path)).remote else sha256_file(path)
 
 
 @contextlib.contextmanager
@@ -39,11 +52,11 @@ def open_parquet(path: Path | str, what: str = "Parquet file", error: type[Kdpip
     iterate batches: on 1M-row logits parts, 31 instead of 81 MiB of Arrow memory, same speed).
     """
     with named_errors(path, what, error, hint):
-        return pq.ParquetFile(path, pre_buffer=pre_buffer)
+        return pq.ParquetFile(source(path), pre_buffer=pre_buffer)
 
 
 def read_parquet(path: Path | str, columns: list[str] | None = None, what: str = "Parquet file",
                  error: type[KdpipeError] = IntegrityError, hint: str = "") -> pa.Table:
     """``pq.read_table(path, columns)`` or ``error`` naming the file (damaged pages included)."""
     with named_errors(path, what, error, hint):
-        return pq.read_table(path, columns=columns)
+        return pq.read_table(source(path), columns=columns)

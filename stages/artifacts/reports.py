@@ -36,6 +36,13 @@ def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
+def report_manifest(files: dict[str, bytes], *, stage: str, params: dict, totals: dict, inputs: list[dict]) -> dict:
+    """The report manifest's content listing ``files`` (name -> bytes)."""
+    entries = [{"path": name, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+               for name, body in sorted(files.items())]
+    return mf.build("report", stage=stage, params=params, files=entries, totals=totals, inputs=inputs)
+
+
 def publish_report(out: Path, files: dict[str, bytes], *, stage: str, params: dict, totals: dict,
                    inputs: list[dict]) -> Path:
     """Write ``files`` (name -> bytes) and the report manifest in ``out``; keep an identical existing report.
@@ -44,9 +51,7 @@ def publish_report(out: Path, files: dict[str, bytes], *, stage: str, params: di
         ManifestError: ``out`` already holds a different report.
     """
     out = Path(out)
-    entries = [{"path": name, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
-               for name, body in sorted(files.items())]
-    data = mf.build("report", stage=stage, params=params, files=entries, totals=totals, inputs=inputs)
+    data = report_manifest(files, stage=stage, params=params, totals=totals, inputs=inputs)
     target = out / mf.MANIFEST_NAME
     if target.exists():
         existing = mf.load(target, kind="report")

@@ -12,8 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
-from pipeline.hashing import sha256_file
-from stages.artifacts.parquet import read_parquet
+from stages.artifacts.parquet import checksum, read_parquet, source
 
 SCHEMA_VERSION = 1
 
@@ -67,7 +66,7 @@ class SelectionRows:
         self.manifest = manifest
         self.batch_rows = batch_rows
         self.paths = [self._checked(entry) for entry in manifest.files]
-        names = pq.ParquetFile(self.paths[0]).schema_arrow.names
+        names = pq.ParquetFile(source(self.paths[0])).schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise ManifestError(f"{self.paths[0]}: selection lacks column(s) {', '.join(missing)}; "
@@ -79,14 +78,14 @@ class SelectionRows:
     def _checked(self, entry: dict) -> Path:
         path = self.manifest.file_path(entry)
         if isinstance(path, str) or not path.is_file():
-            raise IntegrityError(f"{path}: listed in {self.manifest.path} but not a local file")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise IntegrityError(f"{path}: listed in {self.manifest.path} but missing")
+        if path.stat().st_size != entry["bytes"] or checksum(path) != entry["sha256"]:
             raise IntegrityError(f"{path}: size or sha256 differs from {self.manifest.path}; refusing to read it")
         return path
 
     def _batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         for path in self.paths:
-            yield from pq.ParquetFile(path).iter_batches(batch_size=self.batch_rows, columns=columns)
+            yield from pq.ParquetFile(source(path)).iter_batches(batch_size=self.batch_rows, columns=columns)
 
     def shard_counts(self, num_shards: int, num_classes: int) -> np.ndarray:
         """Selected rows per source shard; ``ManifestError`` for a shard or label out of range."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_json
+from pipeline.objstore import ObjectPartStore, finalize_remote, is_remote_out
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.tasks import TaskReport, failure_totals, finalize, run_parts, task_info
@@ -79,11 +80,13 @@ def index(sources: list[str], out: str | Path, *, label_from: str | None = Index
     if not locations:
         raise InputError(f"{' '.join(map(str, sources))}: no .tar shard found (a folder is searched for *.tar)")
     labels = Labels.parse(label_from, read_classes(classes))
-    out = Path(out)
-    _refuse_inside(out, locations)
+    out = out if is_remote_out(out) else Path(out)
+    if not is_remote_out(out):
+        _refuse_inside(out, locations)
     params = {"locations_sha256": sha256_json(locations), "shards": len(locations), "label_from": label_from,
               "class_names_sha256": sha256_json(list(labels.names)) if labels else None, "check_stats": check_stats}
-    store = PartStore(out, ".json", fingerprint("index", params, CODE_VERSION), _record_rows)
+    kind = ObjectPartStore if is_remote_out(out) else PartStore  # a prefix in object storage: pipeline.objstore
+    store = kind(out, ".json", fingerprint("index", params, CODE_VERSION), _record_rows)
     block = [] if finalize_only else list(plan_block(task_index, num_tasks, len(locations)))
 
     def produce(i: int) -> dict:
@@ -132,4 +135,4 @@ def _finalize(store: PartStore, count: int, labels: Labels | None, sources: list
             per_class = [sum(r["extra"]["per_class"][c] for r in receipts) for c in range(len(labels.names))]
             totals.update(classes=len(labels.names), per_class=per_class)
         return mf.build("dataset", stage="index", params=params, files=files, totals=totals)
-    return finalize(store, count, build)
+    return finalize_remote(store, count, build) if isinstance(store, ObjectPartStore) else finalize(store, count, build)

@@ -33,13 +33,14 @@ import numpy as np
 
 from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError
+from pipeline.objstore import ObjectPartStore, finalize_remote, is_remote_out
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
 from pipeline.progress import advance
 from pipeline.tasks import TaskReport, failure_totals, file_entries, finalize, run_parts, task_info
 from stages.artifacts.lineage import Lineage, resolve_lineage
 from stages.artifacts.selection import TARGET_COLUMNS, SelectionRows
-from stages.artifacts.sidecars import with_sidecars
+from stages.artifacts.sidecars import sidecars_for, with_sidecars
 from stages.artifacts.views import view_record, views_from_table
 from stages.imaging import IMAGE_EXTENSIONS, SampleError, decode, sniff_extension
 from stages.reshard.options import ReshardOptions
@@ -299,11 +300,13 @@ def reshard(selection: str | Path, out: str | Path, *, data: str | Path | None =
     params = _fingerprint_params(lineage, shard_size, shard_bytes, seed, decode_check)
     if kept:  # absent when empty: folders made before --keep existed keep their fingerprint
         params["keep"] = list(kept)
-    out = Path(out)
-    store = PartStore(out, ".tar", fingerprint("reshard", params, CODE_VERSION), count_samples)
+    out = out if is_remote_out(out) else Path(out)
+    kind = ObjectPartStore if is_remote_out(out) else PartStore  # a prefix in object storage: pipeline.objstore
+    store = kind(out, ".tar", fingerprint("reshard", params, CODE_VERSION), count_samples)
     block = [] if finalize_only else list(plan_block(task_index, num_tasks, len(plan.parts)))
     cache = _WaveCache(rows, plan, plan_waves(plan.part_rows, block, max_rows))
-    writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], out, kept)
+    scratch = store.scratch if isinstance(store, ObjectPartStore) else out
+    writer = _PartWriter(lineage, cache, seed, decode_check, _soft_targets(lineage)["temperature"], scratch, kept)
     produce = lambda index: store.commit(index, writer(index), task_info(task_index, num_tasks))
     report = run_parts(store, block, produce, max_attempts=max_attempts, retry_failed=retry_failed, desc="reshard",
                        num_parts=len(plan.parts), part_samples=lambda index: plan.part_rows[index])
@@ -348,6 +351,8 @@ def _finalize(store: PartStore, lineage: Lineage, rows: SelectionRows, plan: _Pl
                   "per_class": per_class}
         return mf.build("dataset", stage="reshard", params=manifest_params, inputs=inputs,
                         files=file_entries(receipts, "samples"), totals=totals)
+    if isinstance(store, ObjectPartStore):
+        return finalize_remote(store, len(plan.parts), build, sidecars_for)
     return finalize(store, len(plan.parts), with_sidecars(out, build))
 
 

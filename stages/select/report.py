@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from stages.artifacts.reports import new_figure, png_bytes, publish_report
+from stages.artifacts.parquet import source
+from stages.artifacts.reports import new_figure, png_bytes, publish_report, report_manifest
 from stages.select.gallery import gallery_files
 
 log = logging.getLogger(__name__)
@@ -41,22 +42,35 @@ def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
     if target.exists():
         log.info("%s exists; delete %s to redo the report", target, folder)
         return target
+    files, described = _report(selection, stats, gallery, dataset)
+    return publish_report(folder, files, **described, inputs=[mf.input_ref(selection, folder, "selection")])
+
+
+def report_objects(selection: mf.Manifest, stats: dict, gallery: int = 0,
+                   dataset: str | Path | None = None) -> dict[str, bytes]:
+    """The report of a selection in object storage, as ``report/NAME`` -> bytes, its manifest included:
+    uploaded before the selection's manifest is created (``selection`` is not published yet)."""
+    files, described = _report(selection, stats, gallery, dataset)
+    data = report_manifest(files, **described, inputs=[mf.input_ref(selection, selection.folder, "selection")])
+    files[mf.MANIFEST_NAME] = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+    return {f"{REPORT_DIR}/{name}": body for name, body in files.items()}
+
+
+def _report(selection: mf.Manifest, stats: dict, gallery: int, dataset) -> tuple[dict[str, bytes], dict]:
     table = _read_selection(selection, gallery > 0)
     summary, rows = summarize(table, selection.params, stats)
     files = {"selection_report.json": json.dumps(summary, indent=1, sort_keys=True).encode() + b"\n",
              "per_class.csv": _csv(rows), "counts.png": _counts_png(rows), "scores.png": _scores_png(table, rows)}
     if gallery > 0:
         files.update(gallery_files(selection, table, gallery, dataset))
-    return publish_report(folder, files, stage="select-report",
-                          params={"of": "selection", "selection_id": selection.id},
-                          totals={"rows": summary["rows"], "classes": len(summary["per_class"])},
-                          inputs=[mf.input_ref(selection, folder, "selection")])
+    return files, {"stage": "select-report", "params": {"of": "selection", "selection_id": selection.id},
+                   "totals": {"rows": summary["rows"], "classes": len(summary["per_class"])}}
 
 
 def _read_selection(selection: mf.Manifest, with_keys: bool) -> pa.Table:
     """The columns the report needs (``key`` and ``shard`` only for the gallery)."""
     columns = (["key", "shard"] if with_keys else []) + ["label", "score", "dup"]
-    tables = [pq.read_table(selection.file_path(e), columns=columns) for e in selection.files]
+    tables = [pq.read_table(source(selection.file_path(e)), columns=columns) for e in selection.files]
     return pa.concat_tables(tables)
 
 

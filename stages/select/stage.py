@@ -22,23 +22,25 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import InputError, IntegrityError, ManifestError, PartFailed
 from pipeline.memory import release_memory
+from pipeline.objstore import ObjectPartStore, finalize_remote, is_remote_out
 from pipeline.parts import PartResult, PartStore, fingerprint, part_name
 from pipeline.planning import plan_block
 from pipeline.progress import advance
+from pipeline.storage import RemotePath
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import Exclusion, load_exclusion
 from stages.artifacts.logits_format import LSE1, read_metadata
 from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
-from stages.artifacts.parquet import open_parquet, write_parquet
+from stages.artifacts.parquet import open_parquet, source, write_parquet
 from stages.artifacts.selection import SCHEMA_VERSION
-from stages.artifacts.sidecars import with_sidecars
+from stages.artifacts.sidecars import sidecars_for, with_sidecars
 from stages.select.fetch import fetch_payload, numbered_batches, prefetched
 from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
 from stages.select.policy import rank_temperature as rank_temperature_of
-from stages.select.report import write_report
+from stages.select.report import report_objects, write_report
 from stages.select.topk import ClassTopK, ScoreTopK, exact_rows
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy:
                      soft_targets, rank_at=rank_temperature_of(rank_temperature, logits_set.temperature))
     exclusion = load_exclusion(exclude) if exclude else None
     preflight(logits_set, need_lse1=spec.rank_temperature is not None)
-    out = Path(out)
+    out = out if is_remote_out(out) else Path(out)
     params = selection_params(logits_set, spec, exclusion)
     maps = map_store(out, params, num_tasks)
     if not finalize_only:
@@ -113,10 +115,16 @@ def selection_params(logits_set: LogitsSet, spec: SelectSpec, exclusion: "Exclus
             "selection_schema_version": SCHEMA_VERSION}
 
 
-def map_store(out: Path, params: dict, num_tasks: int) -> PartStore:
+def map_store(out: Path | str, params: dict, num_tasks: int) -> PartStore | ObjectPartStore:
     """The map parts of an ``num_tasks``-task run (each task's exact per-class candidates)."""
     fp = fingerprint("select-map", {**params, "num_tasks": num_tasks}, CODE_VERSION)
-    return PartStore(out / MAP_DIR / f"tasks-{num_tasks}", ".parquet", fp, parquet_rows)
+    return _store(f"{out}/{MAP_DIR}/tasks-{num_tasks}" if is_remote_out(out) else out / MAP_DIR / f"tasks-{num_tasks}",
+                  fp)
+
+
+def _store(out: Path | str, fp: dict) -> PartStore | ObjectPartStore:
+    """A part store of Parquet parts: a folder, or a prefix in object storage (``pipeline.objstore``)."""
+    return (ObjectPartStore if is_remote_out(out) else PartStore)(out, ".parquet", fp, parquet_rows)
 
 
 def preflight(logits_set: LogitsSet, need_lse1: bool = False) -> None:
@@ -170,7 +178,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     Pass 1 ranks by numbers alone (``ScoreTopK``); pass 2 reads the survivors' payload back (``fetch_payload``)
     and ``exact_rows`` breaks the ties at each class's boundary by key.
     """
-    schema = pq.read_schema(logits_set.part_path(0))
+    schema = pq.read_schema(source(logits_set.part_path(0)))
     payload = pa.schema([schema.field(c) for c in payload_columns(spec.soft_targets)] + [pa.field(ROW_ID, pa.int64())])
     scorer = Scorer(spec, logits_set.topk, logits_set.temperature, logits_set.num_classes)
     views = "view" in schema.names
@@ -229,7 +237,7 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
                      params: dict, maps: PartStore, num_tasks: int, batch_rows: int, gallery: int,
                      dataset: str | Path | None) -> Path:
     """Merge the map parts into ``part-000000.parquet``, write the manifest and the report."""
-    store = PartStore(out, ".parquet", fingerprint("select", params, CODE_VERSION), parquet_rows)
+    store = _store(out, fingerprint("select", params, CODE_VERSION))
     receipts = [maps.committed(i) for i in range(num_tasks)]
     if any(r is None for r in receipts):
         raise ManifestError(f"{maps.out_dir}: a map part changed or vanished since it was committed; rerun")
@@ -247,6 +255,10 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
         totals={"rows": sum(p["rows"] for p in parts), "samples": sum(p["rows"] for p in parts),
                 "images_read": totals["images"], "excluded": totals["excluded"],
                 "classes": logits_set.num_classes})
+    if isinstance(store, ObjectPartStore):  # the report is uploaded before the manifest is created
+        report = lambda data: report_objects(mf.RemoteManifest(RemotePath(f"{out}/{mf.MANIFEST_NAME}"), data),
+                                             stats, gallery=gallery, dataset=dataset)
+        return finalize_remote(store, 1, build, lambda data: {**sidecars_for(data), **report(data)})
     path = finalize(store, 1, with_sidecars(out, build))
     write_report(mf.load(path, kind="selection"), stats, gallery=gallery, dataset=dataset)
     return path
@@ -263,7 +275,7 @@ def _map_candidates(maps: PartStore, index: int, receipt: dict) -> list[int]:
     """A map part's candidates per class: in its file metadata (receipts of older kdpipes carried them)."""
     if "candidates" in receipt["extra"]:
         return receipt["extra"]["candidates"]
-    return json.loads(pq.read_schema(maps.part_path(index)).metadata[CANDIDATES_META])
+    return json.loads(pq.read_schema(source(maps.part_path(index))).metadata[CANDIDATES_META])
 
 
 def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, num_tasks: int, batch_rows: int,
@@ -285,13 +297,13 @@ def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, nu
 def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: int) -> pa.Table:
     """The exact top rows over all map parts (one map part is already exact and sorted)."""
     if num_tasks == 1:
-        return pq.read_table(maps.part_path(0))
+        return pq.read_table(source(maps.part_path(0)))
     columns = payload_columns(spec.soft_targets) + [ROW_ID]
-    schema = pq.read_schema(maps.part_path(0))
+    schema = pq.read_schema(source(maps.part_path(0)))
     payload = pa.schema([schema.field(c) for c in columns])
     acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
     for index in range(num_tasks):
-        for batch in pq.ParquetFile(maps.part_path(index)).iter_batches(batch_size=batch_rows):
+        for batch in pq.ParquetFile(source(maps.part_path(index))).iter_batches(batch_size=batch_rows):
             labels = batch.column("label").to_numpy()
             acc.add(labels, batch.column("score").to_numpy(), pa.Table.from_batches([batch.select(columns)]))
     return acc.result()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -37,6 +36,7 @@ import webdataset as wds
 from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
+from pipeline.storage import classify, sha256_of, size_of
 from stages import imaging
 from stages.artifacts.logits_reader import open_logits
 from stages.imaging import Preprocess, SampleError
@@ -342,6 +342,10 @@ def check_shard_count(plan: DataPlan) -> None:
                          f"ranks), or reshard into at least {needed} shards (smaller --shard-size)")
 
 
+def _sha256(path: str) -> str:
+    return sha256_of(path)[0] if classify(path).remote else sha256_file(path)
+
+
 def verify_shards(refs: list[ShardRef], rank: int = 0, world: int = 1) -> list[str]:
     """Problems (size, sha256) of this rank's share ``refs[rank::world]`` of the shards; empty when intact.
 
@@ -350,12 +354,13 @@ def verify_shards(refs: list[ShardRef], rank: int = 0, world: int = 1) -> list[s
     problems = []
     for ref in refs[rank::world]:
         try:
-            size = os.path.getsize(ref.path)
+            size = size_of(ref.path)  # a local file, or an object in a bucket (a reshard written there)
+            same = size == ref.bytes and _sha256(ref.path) == ref.sha256
         except OSError as exc:
             problems.append(f"{ref.path}: unreadable ({exc})")
             continue
         if size != ref.bytes:
             problems.append(f"{ref.path}: {size} bytes, the manifest says {ref.bytes}")
-        elif sha256_file(ref.path) != ref.sha256:
+        elif not same:
             problems.append(f"{ref.path}: sha256 differs from the manifest (file changed or damaged)")
     return problems

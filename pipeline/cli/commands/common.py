@@ -25,7 +25,7 @@ def resolve_task(args: argparse.Namespace) -> tuple[int, int]:
     return task_options(args).resolved()
 
 
-REMOTE_OUT_COMMANDS = ("logits",)  # commands whose --out may be an s3:// or gs:// prefix (pipeline.objstore)
+REMOTE_OUT_COMMANDS = ("index", "logits", "select", "reshard")  # commands whose --out may be an s3:// or gs:// prefix (pipeline.objstore)
 
 
 def out_location(text: str) -> Path | str:
@@ -40,6 +40,9 @@ def refuse_remote_out(args: argparse.Namespace) -> None:
     scheme = scheme_of(str(out)) if out is not None else None
     if scheme in ("s3", "gs", "gcs") and args.command in REMOTE_OUT_COMMANDS and isinstance(out, str):
         return
+    if scheme is not None and args.command in REMOTE_OUT_COMMANDS:
+        raise StorageError(f"--out {out}: `kdpipe {args.command}` writes to a folder or "
+                           "an s3:// or gs:// prefix; http(s) is read-only")
     if scheme is not None:
         raise StorageError(f"--out {str(out).replace(':/', '://', 1)}: `kdpipe {args.command}` writes its parts to "
                            "a local or shared-filesystem folder, not to object storage; give a folder (a mounted "

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from pipeline.cli.commands.common import add_task_args, task_options
+from pipeline.cli.commands.common import add_task_args, out_location, task_options
 from pipeline.options import add_options, as_kwargs, from_args
 from stages.index.options import IndexOptions
 
@@ -17,7 +16,8 @@ def register(sub) -> None:
                                      "dataset manifest pointing at them in place")
     p.add_argument("src", nargs="+", help="shards: local paths, folders, globs, pool/{00000..00099}.tar patterns, "
                                           "a .txt file listing shards, s3:// gs:// http(s):// URLs")
-    p.add_argument("--out", required=True, type=Path, help="folder for the manifest (it holds no shard data)")
+    p.add_argument("--out", required=True, type=out_location,
+                   help="folder (or s3:// gs:// prefix) for the manifest (it holds no shard data)")
     add_options(p, IndexOptions)
     add_task_args(p)
     p.set_defaults(func=run)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from pipeline.cli.commands.common import add_task_args, task_options
+from pipeline.cli.commands.common import add_task_args, out_location, task_options
 from pipeline.options import add_options, as_kwargs, from_args
 from stages.reshard.options import ReshardOptions
 
@@ -15,7 +14,7 @@ log = logging.getLogger("kdpipe")
 def register(sub) -> None:
     p = sub.add_parser("reshard", help="write the selected samples as training shards (image, cls, soft targets)")
     p.add_argument("--selection", required=True, help="selection manifest")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=out_location, help="folder, or an s3:// or gs:// prefix")
     add_options(p, ReshardOptions)
     add_task_args(p)
     p.set_defaults(func=run)

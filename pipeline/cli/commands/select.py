@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from pipeline.cli.commands.common import add_task_args, task_options
+from pipeline.cli.commands.common import add_task_args, out_location, task_options
 from pipeline.options import add_options, as_kwargs, from_args
 from stages.select.options import SelectOptions
 
@@ -14,8 +13,8 @@ log = logging.getLogger("kdpipe")
 
 def register(sub) -> None:
     p = sub.add_parser("select", help="exact per-class top-K (or threshold) pseudo-labels from logits")
-    p.add_argument("--logits", required=True, type=Path, help="logits manifest")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--logits", required=True, type=out_location, help="logits manifest (a folder, or an s3:// gs:// prefix)")
+    p.add_argument("--out", required=True, type=out_location, help="folder, or an s3:// or gs:// prefix")
     p.add_argument("--per-class", required=True,
                    help="K per class (the cap of --policy threshold): a number, or a CSV (class,k) / JSON file")
     add_options(p, SelectOptions)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+
+from pipeline.cli.commands.common import out_location
 
 
 def register(sub) -> None:
     p = sub.add_parser("status", help="what is done, running and failed, per stage and per part")
-    p.add_argument("target", type=Path, help="pipeline config, run folder, or one stage's output folder")
+    p.add_argument("target", type=out_location, help="pipeline config, run folder, or one stage's output folder")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, as given to run/submit")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
