@@ -13,9 +13,23 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
 from pipeline.hashing import sha256_file
+from pipeline.verify import verify
 from stages.artifacts.parquet import read_parquet
 
 SCHEMA_VERSION = 1
+REPORT_DIR = "report"  # the report the select stage writes beside a selection, before its manifest
+
+
+def report_problems(selection: mf.Manifest) -> list[str]:
+    """What is wrong with the report a selection made by ``kdpipe select`` promises (``REPORT_DIR`` beside it: a
+    report manifest of this selection whose files verify); empty when it is intact or none is promised."""
+    if selection.data.get("producer", {}).get("stage") != "select":
+        return []
+    target = selection.folder / REPORT_DIR / mf.MANIFEST_NAME
+    problems = verify(target)
+    if not problems and mf.load(target).params.get("selection_id") != selection.id:
+        problems = [f"{target}: is the report of another selection"]
+    return [f"the selection's report: {p} (rerun the select stage to write it)" for p in problems]
 
 
 def check_selection_part(manifest, entry: dict, path: Path) -> list[str]:

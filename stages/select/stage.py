@@ -4,7 +4,7 @@ Map: task i of n streams its block of logits parts (``plan_block``) through ``Cl
 exact per-class candidates (top K_l within the block) as ``DIR/_map/tasks-<n>/part-<i>.parquet``.
 Reduce: when every map part is committed (the last task to finish, or ``--finalize``), the map parts are
 streamed through the same accumulator; the result, with ranks and balance copies, is committed as
-``DIR/part-000000.parquet``; then the selection manifest and the report (``DIR/report/``) are written.
+``DIR/part-000000.parquet``; then the report (``DIR/report/``) and, last, the selection manifest are written.
 Memory is O(classes x K) plus one read batch in both steps; the output is the same for any n.
 """
 
@@ -218,9 +218,22 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
         totals={"rows": sum(p["rows"] for p in parts), "samples": sum(p["rows"] for p in parts),
                 "images_read": totals["images"], "excluded": totals["excluded"],
                 "classes": logits_set.num_classes})
-    path = finalize(store, 1, with_sidecars(out, build))
-    write_report(mf.load(path, kind="selection"), stats, gallery=gallery, dataset=dataset)
-    return path
+    report = lambda data: write_report(mf.Manifest(out / mf.MANIFEST_NAME, data), stats, gallery=gallery,
+                                       dataset=dataset)
+    return finalize(store, 1, with_report(out, with_sidecars(out, build), report))
+
+
+def with_report(out: Path, build, report) -> "callable":
+    """``build`` that also writes the selection report (``report(data)``) before finalize publishes the manifest:
+    a selection manifest never precedes its report, so a kill or a full disk in between leaves no manifest and
+    the rerun writes both. A rerun over a manifest of the same id repairs a missing or damaged report."""
+    def wrapped(receipts: list[dict]) -> dict:
+        data = build(receipts)
+        target = out / mf.MANIFEST_NAME
+        if not target.exists() or mf.load(target).id == data["id"]:
+            report(data)
+        return data
+    return wrapped
 
 
 def _map_totals(receipts: list[dict]) -> dict:
