@@ -66,6 +66,14 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
     if not stop_requested():
         install_stop_handler()
     store.prepare()
+    try:
+        return _run_parts(store, indices, produce, max_attempts, retry_failed, desc, num_parts)
+    finally:
+        store.release()
+
+
+def _run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], max_attempts: int,
+               retry_failed: bool, desc: str, num_parts: int | None) -> TaskReport:
     if num_parts is not None:
         store.write_plan(num_parts)
     report = TaskReport()
@@ -107,7 +115,15 @@ def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dic
 
     Returns:
         The manifest's path. A manifest already there with the same id is kept unchanged.
+
+    Every receipt must carry the store's fingerprint (the one the manifest's params make), and the folder's lease
+    is held meanwhile: a writer with other parameters cannot start while the manifest is being made.
     """
+    with store.leased():
+        return _finalize(store, num_parts, build)
+
+
+def _finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dict]) -> Path:
     receipts = store.receipts()
     missing = [i for i in range(num_parts) if store.matching(i, receipts.get(i), verify=False) is None]
     if missing:

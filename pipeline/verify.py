@@ -1,4 +1,5 @@
-"""``kdpipe verify``: re-hash every file a manifest lists and check sizes, counts and schema.
+"""``kdpipe verify``: re-hash every file a manifest lists and check sizes, counts and schema; name part files in
+the folder that the manifest does not list.
 
 Kind-specific content checks (e.g. logits indices in range) are passed in by the command layer, so this
 core module knows nothing of stages.
@@ -7,6 +8,7 @@ core module knows nothing of stages.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,7 @@ from pipeline.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 ContentCheck = Callable[[mf.Manifest, dict, Path], list[str]]
+_PART = re.compile(r"part-\d+\.[A-Za-z0-9.]+")
 
 
 def parquet_rows(path: Path) -> int:
@@ -34,7 +37,19 @@ def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None) -> l
     problems = []
     for entry in manifest.files:
         problems += _verify_file(manifest, entry, (checks or {}).get(manifest.kind))
-    return problems
+    return problems + stray_parts(manifest)
+
+
+def stray_parts(manifest: mf.Manifest) -> list[str]:
+    """Part files in the manifest's folder that it does not list (a second writer's, e.g. another shard size):
+    a reader that globs the folder would take them for the artifact's."""
+    listed = {manifest.file_path(e) for e in manifest.files}
+    try:
+        found = sorted(p for p in manifest.folder.iterdir() if _PART.fullmatch(p.name) and p.is_file())
+    except OSError:
+        return []
+    return [f"{p}: a part file the manifest does not list (another writer's?); delete it, or rerun the stage in "
+            "a new folder" for p in found if p not in listed]
 
 
 def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None) -> list[str]:

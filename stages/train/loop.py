@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import manifest as mf
 from pipeline.errors import FingerprintMismatch, InputError, IntegrityError
 from pipeline.hashing import sha256_json
+from pipeline.lease import Lease, take
 from stages import imaging
 from stages.artifacts.cards import write_card
 from stages.models.classifiers import build_model
@@ -58,6 +59,7 @@ class Run:
     fingerprint_body: dict
     lineage: list[tuple[mf.Manifest, str]]
     eval_data: mf.Manifest | None
+    lease: Lease
     state: dict = field(default_factory=dict)
 
 
@@ -84,12 +86,15 @@ def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init
     if config.threads:
         torch.set_num_threads(config.threads)
     env = dd.setup(config.device)
+    run = None
     try:
         run = _start(env, [Path(p) for p in train], Path(out), config, init, teacher_logits, eval_data, kind)
         for epoch in range(run.state["epoch"], config.epochs):
             _run_epoch(run, epoch)
         return _finish(run, kind, stage)
     finally:
+        if run is not None:
+            run.lease.release()
         dd.teardown(env)
 
 
@@ -108,10 +113,16 @@ def _start(env, train, out, config, init, teacher_logits, eval_data, kind) -> Ru
     body = {"code": CODE_VERSION, "config": config.fingerprint_params(), "kind": kind,
             "train": [m.id for m in inputs.manifests], "logits": [_id(p) for p in inputs.logits],
             "init": init_id, "world": env.world}
+    lease = take(out / CHECKPOINTS, {"hash": sha256_json(body), "stage": kind, "code_version": CODE_VERSION,
+                                     "params": _flatten(json.loads(json.dumps(body)))}, out)
     run = Run(env, config, inputs, plan, out, model, net, optimizer, scheduler, sha256_json(body), body, lineage,
-              eval_manifest)
+              eval_manifest, lease)
     run.state = _fresh_state(plan)
-    _maybe_resume(run)
+    try:
+        _maybe_resume(run)
+    except BaseException:
+        lease.release()
+        raise
     log.info("training %s on %d shard(s), %d sample(s): %d rank(s) x %d step(s)/epoch x %d epoch(s), loss %s",
              config.arch, len(plan.shards), plan.total_samples, env.world, plan.steps_per_epoch, config.epochs,
              config.loss)
