@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pipeline import manifest as mf
-from pipeline.errors import KdpipeError, ManifestError, PartFailed
+from pipeline.errors import FingerprintMismatch, KdpipeError, ManifestError, PartFailed
+from pipeline.lease import fingerprint_diff
 from pipeline.log import progress
 from pipeline.parts import PartStore, part_name
 from pipeline.signals import check_stop, install_stop_handler, stop_requested
@@ -125,6 +126,13 @@ def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dic
 
 def _finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dict]) -> Path:
     receipts = store.receipts()
+    foreign = {i: r for i, r in sorted(receipts.items()) if r.get("fingerprint", {}).get("hash") != store.fp["hash"]}
+    if foreign:
+        index, receipt = next(iter(foreign.items()))
+        raise FingerprintMismatch(
+            f"{store.out_dir}: cannot finalize, {len(foreign)} receipt(s) carry another fingerprint than this "
+            f"manifest's ({part_name(index)}: {fingerprint_diff(receipt.get('fingerprint', {}), store.fp)}); a "
+            "manifest never lists parts of other parameters: write to a new --out folder")
     missing = [i for i in range(num_parts) if store.matching(i, receipts.get(i), verify=False) is None]
     if missing:
         shown = ", ".join(part_name(i) for i in missing[:10])

@@ -190,3 +190,24 @@ def _swap_in(folder: Path, part: Path) -> None:
             entry.update(bytes=part.stat().st_size, sha256=sha256_file(part), rows=pq.read_metadata(part).num_rows)
     data["id"] = mf.content_id(data)
     (folder / "manifest.json").write_text(json.dumps(data))
+
+
+def test_finalize_refuses_a_folder_holding_a_receipt_of_another_fingerprint(tmp_path):
+    from pipeline.errors import FingerprintMismatch
+    from pipeline.parts import PartResult, PartStore
+    from pipeline.tasks import finalize, run_parts
+
+    def store(k: int) -> PartStore:
+        return PartStore(tmp_path, ".txt", fingerprint("t", {"k": k}, "v1"), lambda p: len(p.read_bytes().split()))
+
+    def write(tmp: Path) -> PartResult:
+        tmp.write_bytes(b"a b")
+        return PartResult(expected_rows=2)
+    ours = store(1)
+    run_parts(ours, [0, 1], lambda i: ours.commit(i, write))
+    (tmp_path / "_parts" / "part-000001.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "_parts" / "part-000001.json").read_text()),
+         "fingerprint": fingerprint("t", {"k": 2}, "v1")}))  # what a writer that bypassed the lease leaves
+    with pytest.raises(FingerprintMismatch, match=r"cannot finalize, 1 receipt\(s\) .*part-000001: k: 2 vs 1"):
+        finalize(ours, 2, lambda receipts: {})
+    assert not (tmp_path / "manifest.json").exists()
