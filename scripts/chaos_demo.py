@@ -29,18 +29,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("chaos-work"))
     parser.add_argument("--full", action="store_true", help="the bundled demo, not the quick variant")
     parser.add_argument("--keep", action="store_true", help="keep every trial's run folder")
+    parser.add_argument("--clean", type=Path, default=None, help="reuse this finished clean run folder")
+    parser.add_argument("--window", type=float, default=None,
+                        help="kill instants are uniform in [0.5, WINDOW) s (default: the clean run's duration)")
     args = parser.parse_args(argv)
     overrides = [] if args.full else chaos.QUICK_DEMO
     make = lambda out: chaos.demo_command(out, overrides)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    clean = args.work / "clean"
-    if chaos.run(make(clean), args.work / "clean.log") != 0:
+    clean = args.clean or args.work / "clean"
+    if args.clean is None and chaos.run(make(clean), args.work / "clean.log") != 0:
         print(f"the clean demo failed; see {args.work / 'clean.log'}")
         return 1
-    window = time.monotonic() - started
+    window = args.window or time.monotonic() - started
     expected = chaos.snapshot(clean)
-    print(f"clean run: {window:.1f} s, {len(expected)} manifests and files", flush=True)
+    print(f"clean run: {clean}, {len(expected)} manifests and files; kill instants in [0.5, {window:.1f}) s",
+          flush=True)
     trials = []
     for seed in range(args.first_seed, args.first_seed + args.kills):
         out = args.work / f"seed{seed:03d}"
