@@ -90,8 +90,11 @@ def test_refused_inputs_name_what_to_change(data, tmp_path):
     with pytest.raises(Exception, match="logits of dataset .* give the logits of this dataset"):
         train([data["labeled"]], tmp_path / "a", _config(loss="soft"), teacher_logits=[logits])
     first = train([other["labeled"]], tmp_path / "b", _config(epochs=1))
-    with pytest.raises(InputError, match="finished run"):
-        train([other["labeled"]], tmp_path / "b", _config(epochs=1))
+    mtime = first.stat().st_mtime_ns
+    assert train([other["labeled"]], tmp_path / "b", _config(epochs=1)) == first  # finished: no work
+    assert first.stat().st_mtime_ns == mtime
+    with pytest.raises(FingerprintMismatch, match="config.seed: 0 -> 5"):
+        train([other["labeled"]], tmp_path / "b", _config(epochs=1, seed=5))
     weights = mf.load(first).params["weights_sha256"]
     (tmp_path / "b" / "manifest.json").unlink()
     with pytest.raises(FingerprintMismatch, match=r"other inputs or parameters \(config.lr: 0.05 -> 0.5\)"):

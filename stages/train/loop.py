@@ -61,6 +61,7 @@ class Run:
     eval_data: mf.Manifest | None
     lease: Lease
     state: dict = field(default_factory=dict)
+    finished: bool = False
 
 
 def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init: str | Path | None = None,
@@ -89,6 +90,9 @@ def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init
     run = None
     try:
         run = _start(env, [Path(p) for p in train], Path(out), config, init, teacher_logits, eval_data, kind)
+        if run.finished:
+            log.info("%s: this run is complete (its card and final checkpoint); nothing to do", run.out)
+            return run.out / mf.MANIFEST_NAME
         for epoch in range(run.state["epoch"], config.epochs):
             _run_epoch(run, epoch)
         return _finish(run, kind, stage)
@@ -99,8 +103,6 @@ def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init
 
 
 def _start(env, train, out, config, init, teacher_logits, eval_data, kind) -> Run:
-    if (out / mf.MANIFEST_NAME).exists():
-        raise InputError(f"{out}: holds a finished run ({mf.MANIFEST_NAME}); write to a new --out folder")
     inputs = load_inputs(train, teacher_logits, config)
     plan = make_plan(inputs, config, env.world)
     _verify(plan, env)
@@ -120,6 +122,7 @@ def _start(env, train, out, config, init, teacher_logits, eval_data, kind) -> Ru
     run.state = _fresh_state(plan)
     try:
         _maybe_resume(run)
+        _check_finished(run)
     except BaseException:
         lease.release()
         raise
@@ -196,6 +199,17 @@ def _maybe_resume(run: Run) -> None:
     if not run.env.is_main:  # rank 0 carries the run-wide partial sums of the epoch in progress
         run.state["sums"], run.state["failures"] = [0.0] * 4, [0.0] * len(REASONS)
     log.info("resumed from %s at step %d (epoch %d)", loaded.path, run.state["step"], run.state["epoch"])
+
+
+def _check_finished(run: Run) -> None:
+    """A card in ``out`` is this run's when its last checkpoint (same fingerprint, checked on resume) ended the last
+    epoch: the run is then complete (a rerun does no work); any other card is refused."""
+    if not (run.out / mf.MANIFEST_NAME).exists():
+        return
+    if run.state["epoch"] < run.config.epochs:
+        raise InputError(f"{run.out}: holds a finished run ({mf.MANIFEST_NAME}) that is not this one (no final "
+                         "checkpoint with these inputs and parameters); write to a new --out folder")
+    run.finished = True
 
 
 def fingerprint_changes(before: dict | None, now: dict) -> str:
