@@ -52,7 +52,11 @@ def take(lock_dir: Path | str, fp: dict, folder: Path | str | None = None) -> Le
         raise InputError(f"{lock_dir}: output folders on object storage have no lease yet (docs/reliability.md); "
                          "write to a local or shared filesystem")
     lease = LocalLease(Path(lock_dir), fp, Path(folder) if folder is not None else Path(lock_dir).parent)
-    lease.acquire()
+    try:
+        lease.acquire()
+    except OSError as exc:  # read-only filesystem, permissions, full disk: name the folder, no traceback
+        raise InputError(f"{lease.folder}: cannot write its lease ({lease.path.name}: {exc.strerror or exc}); "
+                         "the output folder must be on a writable filesystem with free space") from None
     return lease
 
 

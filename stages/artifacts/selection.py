@@ -26,6 +26,11 @@ def report_problems(selection: mf.Manifest) -> list[str]:
     report manifest of this selection whose files verify); empty when it is intact or none is promised."""
     if selection.data.get("producer", {}).get("stage") != "select":
         return []
+    return report_issues(selection)
+
+
+def report_issues(selection: mf.Manifest) -> list[str]:
+    """What is wrong with the report beside ``selection`` (missing, another selection's, a file damaged)."""
     target = selection.folder / REPORT_DIR / mf.MANIFEST_NAME
     problems = verify(target)
     if not problems and mf.load(target).params.get("selection_id") != selection.id:

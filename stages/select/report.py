@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from stages.artifacts.reports import new_figure, png_bytes, publish_report
-from stages.artifacts.selection import REPORT_DIR, report_problems
+from stages.artifacts.selection import REPORT_DIR, report_issues
 from stages.select.gallery import gallery_files
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
     """
     folder = selection.folder / REPORT_DIR
     target = folder / mf.MANIFEST_NAME
-    if not report_problems(selection):
+    if not report_issues(selection):
         log.info("%s exists and verifies; delete %s to redo the report", target, folder)
         return target
     table = _read_selection(selection)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -223,7 +224,8 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
     return finalize(store, 1, with_report(out, with_sidecars(out, build), report))
 
 
-def with_report(out: Path, build, report) -> "callable":
+def with_report(out: Path, build: Callable[[list[dict]], dict],
+                report: Callable[[dict], Path]) -> Callable[[list[dict]], dict]:
     """``build`` that also writes the selection report (``report(data)``) before finalize publishes the manifest:
     a selection manifest never precedes its report, so a kill or a full disk in between leaves no manifest and
     the rerun writes both. A rerun over a manifest of the same id repairs a missing or damaged report."""
