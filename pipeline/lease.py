@@ -28,6 +28,7 @@ import datetime as _dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Protocol
 
 from pipeline.errors import FingerprintMismatch, InputError
 
+log = logging.getLogger(__name__)
 MUTEX = "_lease.lock"
 PREFIX = "_lease-"
 
@@ -77,7 +79,7 @@ class LocalLease:
     def __init__(self, lock_dir: Path, fp: dict, folder: Path):
         self.lock_dir, self.fp, self.folder = lock_dir, fp, folder
         self.path = lock_dir / f"{PREFIX}{fp['hash'][:12]}.lock"
-        self.handle = None
+        self.handle: int | None = None
 
     def acquire(self) -> None:
         """Take the lease (shared with writers of the same fingerprint) or raise ``FingerprintMismatch``."""
@@ -87,12 +89,20 @@ class LocalLease:
                 holder = None if other == self.path else _live_holder(other)
                 if holder is not None:
                     raise FingerprintMismatch(self._refusal(holder))
-            handle = open(self.path, "a+")
-            fcntl.flock(handle, fcntl.LOCK_SH)
-            if os.fstat(handle.fileno()).st_size == 0:
-                handle.write(json.dumps(self._record(), sort_keys=True))
-                handle.flush()
-            self.handle = handle
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self.handle = fd
+            if os.fstat(fd).st_size == 0:
+                self._write_record()
+
+    def _write_record(self) -> None:
+        """Who holds the lease, for the refusal message; informational, so a full disk does not stop the writer
+        (whose parts then fail by name) and only leaves the record empty."""
+        try:
+            os.write(self.handle, json.dumps(self._record(), sort_keys=True).encode())
+        except OSError as exc:
+            log.warning("%s: could not record the lease holder (%s)", self.path, exc)
+            os.ftruncate(self.handle, 0)
 
     def release(self) -> None:
         """Give the lease back; the last writer of its fingerprint removes its lock file."""
@@ -105,44 +115,46 @@ class LocalLease:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
-            self.handle.close()
+            os.close(self.handle)
             self.handle = None
 
-    def __del__(self):  # a writer that never gave the lease back: the lock dies with the file handle
+    def __del__(self):  # a writer that never gave the lease back: the lock dies with the file descriptor
         if self.handle is not None:
-            self.handle.close()
+            os.close(self.handle)
 
     def _record(self) -> dict:
         return {"fingerprint": self.fp, "host": socket.gethostname(), "pid": os.getpid(),
                 "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
     def _refusal(self, holder: dict) -> str:
-        theirs = holder.get("fingerprint") or {}
-        return (f"{self.folder}: another writer holds this output folder with other parameters (host "
-                f"{holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}; "
-                f"{fingerprint_diff(theirs, self.fp)}); one writer per output: wait for it to finish, or write "
-                "to a new --out folder")
+        theirs = holder.get("fingerprint")
+        who = (f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}; "
+               f"{fingerprint_diff(theirs, self.fp)}") if theirs else "its record could not be written"
+        return (f"{self.folder}: another writer holds this output folder with other parameters ({who}); one writer "
+                "per output: wait for it to finish, or write to a new --out folder")
 
 
 def _live_holder(path: Path) -> dict | None:
     """The record of ``path`` when a live writer holds it; None (and the stale file removed) otherwise."""
     try:
-        handle = open(path, "r+")
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return None
-    with handle:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
-            try:
-                record = json.loads(handle.read() or "{}")
-            except ValueError:
-                record = {}
-            return record if isinstance(record, dict) else {}
+            record = json.loads(os.pread(fd, 65536, 0) or b"{}")
+        except ValueError:
+            record = {}
+        return record if isinstance(record, dict) else {}
+    else:
         path.unlink(missing_ok=True)  # nobody holds it: its writers are gone
         return None
+    finally:
+        os.close(fd)
 
 
 class _Mutex:
@@ -152,9 +164,9 @@ class _Mutex:
         self.path = path
 
     def __enter__(self):
-        self.handle = open(self.path, "a+")
-        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
-        self.handle.close()
+        os.close(self.fd)

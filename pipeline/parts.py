@@ -206,7 +206,13 @@ class PartStore:
             publish(tmp, self.part_path(index))
             fault_point("part.published")
             body = json.dumps(receipt, indent=1, sort_keys=True).encode()
-            write_atomic(self.receipt_path(index), body)
+            try:
+                write_atomic(self.receipt_path(index), body)
+            except OSError as exc:  # a part without its receipt does not exist: remove it, name the part
+                self.part_path(index).unlink(missing_ok=True)
+                raise PartFailed(f"{self.part_path(index)}: {exc} (writing its receipt); nothing was committed "
+                                 "(free space or fix the disk, then rerun)",
+                                 "no_space" if exc.errno == errno.ENOSPC else "os_error") from exc
             fault_point("part.receipt")
             self.failure_path(index).unlink(missing_ok=True)
         return receipt
