@@ -2,6 +2,7 @@
 (every manifest id, every listed file's sha256) with a clean run; prints ``N of N kills converged``.
 
     nice .venv/bin/python scripts/chaos_demo.py --kills 30 --work /tmp/chaos [--full]
+    nice .venv/bin/python scripts/chaos_demo.py --landed 30 --window 35 --work /tmp/chaos   # until 30 kills landed
 
 ``--full`` uses the demo as bundled (about 60 s a run) instead of ``tests/chaos.py``'s ``QUICK_DEMO``. A trial whose
 demo finished before its instant is reported and not counted as a kill. Results: ``WORK/trials.json``.
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="the bundled demo, not the quick variant")
     parser.add_argument("--keep", action="store_true", help="keep every trial's run folder")
     parser.add_argument("--clean", type=Path, default=None, help="reuse this finished clean run folder")
+    parser.add_argument("--landed", type=int, default=None,
+                        help="go on with further seeds until this many kills landed (instead of --kills trials)")
+    parser.add_argument("--append", action="store_true",
+                        help="add to WORK/trials.json of an earlier invocation; the figure counts both")
     parser.add_argument("--window", type=float, default=None,
                         help="kill instants are uniform in [0.5, WINDOW) s (default: the clean run's duration)")
     args = parser.parse_args(argv)
@@ -45,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     expected = chaos.snapshot(clean)
     print(f"clean run: {clean}, {len(expected)} manifests and files; kill instants in [0.5, {window:.1f}) s",
           flush=True)
-    trials = []
-    for seed in range(args.first_seed, args.first_seed + args.kills):
+    record = args.work / "trials.json"
+    trials = [chaos.Trial(**t) for t in json.loads(record.read_text())] if args.append and record.exists() else []
+    seed = args.first_seed
+    while (seed < args.first_seed + args.kills) if args.landed is None else (
+            sum(t.killed for t in trials) < args.landed and seed < args.first_seed + 3 * args.landed):
         out = args.work / f"seed{seed:03d}"
         trial = chaos.kill_and_rerun(seed, make, out, expected, window, args.work / f"seed{seed:03d}.log")
         trials.append(trial)
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed:3d}: kill at {trial.at_s:6.2f} s: {state}", flush=True)
         if trial.converged and not args.keep:
             shutil.rmtree(out)
-        (args.work / "trials.json").write_text(json.dumps([asdict(t) for t in trials], indent=1))
+        record.write_text(json.dumps([asdict(t) for t in trials], indent=1))
+        seed += 1
     print(chaos.summary_line(trials))
     return 0 if all(t.converged for t in trials if t.killed) else 1
 
