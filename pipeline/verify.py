@@ -43,13 +43,13 @@ def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None) -> l
 def stray_parts(manifest: mf.Manifest) -> list[str]:
     """Part files in the manifest's folder that it does not list (a second writer's, e.g. another shard size):
     a reader that globs the folder would take them for the artifact's."""
-    listed = {manifest.file_path(e) for e in manifest.files}
     try:
+        listed = {Path(w).resolve() for w in map(manifest.file_path, manifest.files) if not isinstance(w, str)}
         found = sorted(p for p in manifest.folder.iterdir() if _PART.fullmatch(p.name) and p.is_file())
-    except OSError:
+    except OSError:  # unreadable folder or entry: the per-file checks name it
         return []
     return [f"{p}: a part file the manifest does not list (another writer's?); delete it, or rerun the stage in "
-            "a new folder" for p in found if p not in listed]
+            "a new folder" for p in found if p.resolve() not in listed]
 
 
 def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None) -> list[str]:
