@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline import __version__
 from pipeline import manifest as mf
@@ -96,6 +97,24 @@ class ObjectPartStore:
         removed = remove_stale_temps(self.scratch)
         if removed:
             log.info("%s: removed %d stale local temp file(s) of killed uploads", self.out_dir, removed)
+
+    def full(self, theirs: dict) -> dict:
+        """A receipt's fingerprint with its params (from the prefix's fingerprint object when it has none)."""
+        if "params" in theirs or not isinstance(theirs.get("hash"), str):
+            return theirs
+        return self._read_json(f"{self.receipts_dir}/{FINGERPRINT_PREFIX}{theirs['hash']}.json") or theirs
+
+    def acquire(self) -> None:
+        """No lease object on object storage yet (its design is in ``pipeline.lease``): here the per-part check
+        (a receipt of another fingerprint is never overwritten) and ``check_fingerprint`` keep writers apart."""
+
+    def release(self) -> None:
+        """Nothing to give back (see ``acquire``)."""
+
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[None]:
+        """The same ``with`` block as ``PartStore.leased``, with no lease (see ``acquire``)."""
+        yield
 
     def _records(self, failed: bool) -> dict[int, dict]:
         """Receipts (or failure records) under ``_parts/`` by part: one listing, one GET per matching name."""

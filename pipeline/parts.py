@@ -3,7 +3,8 @@
 ``DIR/part-000123.<ext>`` is written to a temp name, fsynced, validated (readable, expected rows), renamed,
 and the folder fsynced; then ``DIR/_parts/part-000123.json`` (the receipt) is written the same way. A part
 without a valid receipt does not exist. Receipts carry the stage's fingerprint: a folder never mixes parts
-made with different parameters.
+made with different parameters. A writer holds the folder's lease (``pipeline.lease``) while it writes: one with
+other parameters is refused before any work, and a receipt of another fingerprint is never overwritten.
 
 A receipt names its fingerprint by hash, stage and code version only; the parameters themselves (class names,
 per-class quotas: lists as long as the class count) are kept once per folder in ``_parts/_fingerprint-<hash>.json``
@@ -13,6 +14,7 @@ part's samples, seconds, samples/s and finish time (``kdpipe status`` derives th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -22,12 +24,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline import __version__
 from pipeline.atomic import publish, remove_stale_temps, staged, write_atomic
 from pipeline.errors import STOP_TASK_ERRNOS, FingerprintMismatch, IntegrityError, PartFailed, named_os_error
 from pipeline.hashing import sha256_file, sha256_json
+from pipeline.lease import Lease, fingerprint_diff, take
 from pipeline.signals import critical, fault_point
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class PartStore:
         self.fp = fp
         self.count_rows = count_rows
         self.receipts_dir = self.out_dir / RECEIPTS
+        self._lease: Lease | None = None
 
     def part_path(self, index: int) -> Path:
         return self.out_dir / f"{part_name(index)}{self.suffix}"
@@ -86,16 +90,45 @@ class PartStore:
         return self.receipts_dir / f"{part_name(index)}.failed.json"
 
     def prepare(self) -> None:
-        """Create the folders, refuse a foreign fingerprint, remove temps of dead writers."""
+        """Create the folders, take the folder's lease, refuse a foreign fingerprint, remove temps of dead
+        writers. The lease is held until ``release`` (``run_parts`` and ``finalize`` give it back)."""
         try:
             self.receipts_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # read-only filesystem, no permission: named before any work (rc 2)
             raise (named_os_error(exc) or exc) from None
-        self.check_fingerprint()
+        self.acquire()
+        try:
+            self.check_fingerprint()
+        except FingerprintMismatch:
+            self.release()
+            raise
         self._record_fingerprint()
         removed = remove_stale_temps(self.out_dir) + remove_stale_temps(self.receipts_dir)
         if removed:
             log.info("%s: removed %d stale temp file(s) of killed writers", self.out_dir, removed)
+
+    def acquire(self) -> None:
+        """Take the folder's lease with this store's fingerprint (no-op when held); see ``pipeline.lease``."""
+        if self._lease is None:
+            self.receipts_dir.mkdir(parents=True, exist_ok=True)
+            self._lease = take(self.receipts_dir, self.fp, self.out_dir)
+
+    def release(self) -> None:
+        """Give the folder's lease back (no-op when not held)."""
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    @contextlib.contextmanager
+    def leased(self) -> Iterator[None]:
+        """Hold the lease for a ``with`` block (given back at its end only if taken here)."""
+        held = self._lease is not None
+        self.acquire()
+        try:
+            yield
+        finally:
+            if not held:
+                self.release()
 
     def receipts(self) -> dict[int, dict]:
         """Every readable receipt in the folder, by part index (one scandir, one read each)."""
@@ -120,10 +153,11 @@ class PartStore:
             if theirs.get("hash") != self.fp["hash"]:
                 raise FingerprintMismatch(
                     f"{self.out_dir}: {part_name(index)} was made with other parameters "
-                    f"({_fp_diff(self._full(theirs), self.fp)}); parts are never mixed. Write to a new --out folder, "
+                    f"({fingerprint_diff(self.full(theirs), self.fp)}); parts are never mixed. "
+                    "Write to a new --out folder, "
                     f"or delete {self.out_dir} to recompute.")
 
-    def _full(self, theirs: dict) -> dict:
+    def full(self, theirs: dict) -> dict:
         """A receipt's fingerprint with its params (from the folder's fingerprint file when the receipt has none)."""
         return full_fingerprint(self.out_dir, theirs) or theirs
 
@@ -201,6 +235,7 @@ class PartStore:
                 tmp.unlink(missing_ok=True)
                 log.info("%s was committed by another task meanwhile; discarded this copy", part_name(index))
                 return existing
+            self._refuse_foreign(index, tmp)
             publish(tmp, self.part_path(index))
             fault_point("part.published")
             body = json.dumps(receipt, indent=1, sort_keys=True).encode()
@@ -212,6 +247,16 @@ class PartStore:
             fault_point("part.receipt")
             self.failure_path(index).unlink(missing_ok=True)
         return receipt
+
+    def _refuse_foreign(self, index: int, tmp: Path) -> None:
+        """Never overwrite a part committed with another fingerprint (a writer that got past the lease)."""
+        theirs = (_read_json(self.receipt_path(index)) or {}).get("fingerprint", {})
+        if theirs and theirs.get("hash") != self.fp["hash"]:
+            tmp.unlink(missing_ok=True)
+            raise FingerprintMismatch(
+                f"{self.part_path(index)} was committed meanwhile by a writer with other parameters "
+                f"({fingerprint_diff(theirs, self.fp)}); nothing was overwritten. One writer per output: "
+                "write to a new --out folder")
 
     def record_failure(self, index: int, reason: str, message: str) -> dict:
         """Record a failed attempt of a part (attempts are counted across runs)."""
@@ -307,13 +352,3 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _fp_diff(theirs: dict, ours: dict) -> str:
-    """Name the fingerprint fields that differ."""
-    keys = []
-    if theirs.get("code_version") != ours.get("code_version"):
-        keys.append(f"code_version {theirs.get('code_version')!r} vs {ours.get('code_version')!r}")
-    a, b = theirs.get("params", {}) or {}, ours.get("params", {})
-    keys += [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(keys) or "fingerprint hash differs"

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pipeline import manifest as mf
-from pipeline.errors import KdpipeError, ManifestError, OutputError, PartFailed
+from pipeline.errors import FingerprintMismatch, KdpipeError, ManifestError, OutputError, PartFailed
+from pipeline.lease import fingerprint_diff
 from pipeline.parts import PartStore, part_name
 from pipeline.progress import Progress, receipt_samples
 from pipeline.signals import check_stop, install_stop_handler, stop_requested
@@ -69,6 +70,16 @@ def run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int],
     if not stop_requested():
         install_stop_handler()
     store.prepare()
+    try:
+        return _run_parts(store, indices, produce, max_attempts, retry_failed, desc, num_parts, part_samples,
+                          done_before)
+    finally:
+        store.release()
+
+
+def _run_parts(store: PartStore, indices: Iterable[int], produce: Callable[[int], dict], max_attempts: int,
+               retry_failed: bool, desc: str, num_parts: int | None, part_samples: Callable[[int], int] | None,
+               done_before: int) -> TaskReport:
     if num_parts is not None:
         store.write_plan(num_parts)
     report = TaskReport()
@@ -128,8 +139,24 @@ def finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dic
 
     Returns:
         The manifest's path. A manifest already there with the same id is kept unchanged.
+
+    Every receipt must carry the store's fingerprint (the one the manifest's params make), and the folder's lease
+    is held meanwhile: a writer with other parameters cannot start while the manifest is being made.
     """
+    with store.leased():
+        return _finalize(store, num_parts, build)
+
+
+def _finalize(store: PartStore, num_parts: int, build: Callable[[list[dict]], dict]) -> Path:
     receipts = store.receipts()
+    foreign = {i: r for i, r in sorted(receipts.items()) if r.get("fingerprint", {}).get("hash") != store.fp["hash"]}
+    if foreign:
+        index, receipt = next(iter(foreign.items()))
+        raise FingerprintMismatch(
+            f"{store.out_dir}: cannot finalize, {len(foreign)} receipt(s) carry another fingerprint than this "
+            f"manifest's ({part_name(index)}: "
+            f"{fingerprint_diff(store.full(receipt.get('fingerprint', {})), store.fp)}); a "
+            "manifest never lists parts of other parameters: write to a new --out folder")
     missing = [i for i in range(num_parts) if store.matching(i, receipts.get(i), verify=False) is None]
     if missing:
         shown = ", ".join(part_name(i) for i in missing[:10])

@@ -1,4 +1,5 @@
-"""``kdpipe verify``: re-hash every file a manifest lists and check sizes, counts and schema.
+"""``kdpipe verify``: re-hash every file a manifest lists and check sizes, counts and schema; name part files in
+the folder that the manifest does not list.
 
 Kind-specific content checks (e.g. logits indices in range) are passed in by the command layer, so this
 core module knows nothing of stages. External entries (``kdpipe index``: absolute paths, ``s3://``, ``gs://``,
@@ -10,6 +11,7 @@ I/O release the GIL).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,10 +22,11 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import KdpipeError
 from pipeline.hashing import sha256_file
-from pipeline.storage import RemotePath, open_read, sha256_of
+from pipeline.storage import RemotePath, filesystem, open_read, scheme_of, sha256_of
 
 log = logging.getLogger(__name__)
 ContentCheck = Callable[[mf.Manifest, dict, Path], list[str]]
+_PART = re.compile(r"part-\d+\.[A-Za-z0-9.]+")
 
 
 def parquet_rows(path: Path) -> int:
@@ -44,7 +47,28 @@ def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None, jobs
     else:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             results = list(pool.map(work, manifest.files))
-    return [problem for found in results for problem in found]
+    return [problem for found in results for problem in found] + stray_parts(manifest)
+
+
+def stray_parts(manifest: mf.Manifest) -> list[str]:
+    """Part files in the manifest's folder that it does not list (a second writer's, e.g. another shard size):
+    a reader that globs the folder would take them for the artifact's."""
+    try:
+        listed = {(w if isinstance(w, RemotePath) else Path(w)).resolve()
+                  for w in map(manifest.file_path, manifest.files) if not isinstance(w, str)}
+        found = sorted((p for p in _listing(manifest.folder) if _PART.fullmatch(p.name) and p.is_file()), key=str)
+    except OSError:  # unreadable folder or entry: the per-file checks name it
+        return []
+    return [f"{p}: a part file the manifest does not list (another writer's?); delete it, or rerun the stage in "
+            "a new folder" for p in found if p.resolve() not in listed]
+
+
+def _listing(folder) -> list:
+    """The entries of a local folder or of a prefix in object storage."""
+    if isinstance(folder, RemotePath):
+        fs = filesystem(scheme_of(folder.url))
+        return [folder / url.rstrip("/").rsplit("/", 1)[-1] for url in fs.ls(folder.url, detail=False)]
+    return list(folder.iterdir())
 
 
 def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None) -> list[str]:

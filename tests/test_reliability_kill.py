@@ -83,13 +83,13 @@ def _mid_tar(count: int) -> None:
     module.write_shard = _kill_on_nth(count, real, half)
 
 
-def _mid_manifest() -> None:
+def _mid_manifest(count: int) -> None:
     from pipeline import manifest as module
 
     def partial(final, data, **_):
         temp_path_for(final).write_bytes(data[: len(data) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    module.write_atomic = partial
+    module.write_atomic = _kill_on_nth(count, module.write_atomic, partial)
 
 
 def _install(stage: str, point: str) -> dict[str, str]:
@@ -100,8 +100,8 @@ def _install(stage: str, point: str) -> dict[str, str]:
         return {FAULT_ENV: "part.published:2"}
     if point == "mid_part_write":
         _mid_tar(2) if stage == "reshard" else _mid_parquet(2)
-    else:
-        _mid_manifest()
+    else:  # select writes its report's manifest first, then its own
+        _mid_manifest(2 if stage == "select" else 1)
     return {}
 
 

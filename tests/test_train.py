@@ -1,5 +1,5 @@
 """Training end to end on the bundled digits: accuracy, the model card, determinism, soft targets,
-fine-tuning with --init and joined teacher logits, kill + --resume, and refused inputs."""
+fine-tuning with --init and joined teacher logits, kill + plain rerun (resume), and refused inputs."""
 
 import json
 import os
@@ -90,14 +90,17 @@ def test_refused_inputs_name_what_to_change(data, tmp_path):
     with pytest.raises(Exception, match="logits of dataset .* give the logits of this dataset"):
         train([data["labeled"]], tmp_path / "a", _config(loss="soft"), teacher_logits=[logits])
     first = train([other["labeled"]], tmp_path / "b", _config(epochs=1))
-    with pytest.raises(InputError, match="finished run"):
-        train([other["labeled"]], tmp_path / "b", _config(epochs=1))
+    mtime = first.stat().st_mtime_ns
+    assert train([other["labeled"]], tmp_path / "b", _config(epochs=1)) == first  # finished: no work
+    assert first.stat().st_mtime_ns == mtime
+    with pytest.raises(FingerprintMismatch, match="config.seed: 0 -> 5"):
+        train([other["labeled"]], tmp_path / "b", _config(epochs=1, seed=5))
+    weights = mf.load(first).params["weights_sha256"]
     (tmp_path / "b" / "manifest.json").unlink()
-    with pytest.raises(InputError, match="pass --resume"):
-        train([other["labeled"]], tmp_path / "b", _config(epochs=1))
-    with pytest.raises(FingerprintMismatch, match="other inputs or parameters"):
-        train([other["labeled"]], tmp_path / "b", _config(epochs=1, lr=0.5), resume=True)
-    assert first.name == "manifest.json"
+    with pytest.raises(FingerprintMismatch, match=r"other inputs or parameters \(config.lr: 0.05 -> 0.5\)"):
+        train([other["labeled"]], tmp_path / "b", _config(epochs=1, lr=0.5))
+    again = train([other["labeled"]], tmp_path / "b", _config(epochs=1))  # same run: resumes, no flag
+    assert mf.load(again).params["weights_sha256"] == weights
     from safetensors.torch import save_file
 
     from stages.models.classifiers import build_model
@@ -125,7 +128,7 @@ def test_sigkill_then_resume_finishes_the_same_steps_with_the_same_weights(data,
     assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
     killed_at = json.loads(pointer.read_text())["step"]
     assert not (tmp_path / "cut" / "manifest.json").exists() and 0 < killed_at < 100
-    subprocess.run(_cli(tmp_path / "cut", data, ["--resume"]), check=True, env=env, cwd=REPO, capture_output=True)
+    subprocess.run(_cli(tmp_path / "cut", data), check=True, env=env, cwd=REPO, capture_output=True)  # no flag
     full, cut = mf.load(tmp_path / "full"), mf.load(tmp_path / "cut")
     assert cut.params["training"]["steps"] == full.params["training"]["steps"] == 4 * (100 // 4)
     assert cut.params["weights_sha256"] == full.params["weights_sha256"]

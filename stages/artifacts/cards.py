@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from pipeline import manifest as mf
 from pipeline.atomic import publish, staged
-from pipeline.errors import InputError
+from pipeline.errors import InputError, ManifestError
 from pipeline.hashing import sha256_file
 from stages.imaging import Preprocess
 from stages.models import sources
@@ -48,7 +48,12 @@ def write_card(out: Path, model: torch.nn.Module, *, arch: str, class_names: lis
     data = mf.build(kind, stage=stage, params=params, inputs=inputs,
                     files=[{"path": WEIGHTS, "bytes": weights.stat().st_size, "sha256": digest}],
                     totals={"classes": len(class_names)})
-    return mf.write(data, out)
+    try:
+        return mf.write(data, out)
+    except ManifestError:  # a writer with the same inputs and parameters wrote the same card meanwhile
+        if (out / mf.MANIFEST_NAME).is_file() and mf.load(out).id == data["id"]:
+            return out / mf.MANIFEST_NAME
+        raise
 
 
 def load_teacher(card: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, mf.Manifest]:

@@ -8,13 +8,15 @@ manifest, the part's shard index, unique keys (unique (key, view) pairs in a mul
 part stores it, finite lse1 >= max(z)), and softened probabilities summing to at most 1. Reading streams record
 batches (memory bounded by the batch, plus the part's keys for the duplicate check). With the last file of a
 manifest, the check of every kind also compares the sidecars beside it (``README.md`` dataset card, timm's
-``_info.json``) with what the manifest gives.
+``_info.json``) with what the manifest gives; a selection made by ``kdpipe select`` also needs its report
+(``report/``: a report manifest of this selection whose files verify), which the stage promises.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,7 +29,7 @@ from stages.artifacts.exclusion import check_exclusion_part
 from stages.artifacts.logits_format import LSE1, READ_VERSIONS, fixed_list_to_numpy, index_type, read_metadata
 from stages.artifacts.logits_reader import AGREEING, row_faults
 from stages.artifacts.parquet import open_parquet
-from stages.artifacts.selection import check_selection_part
+from stages.artifacts.selection import check_selection_part, report_problems
 from stages.artifacts.sidecars import sidecar_problems
 
 _BATCH_ROWS = 65536
@@ -138,17 +140,20 @@ def _key_problems(keys: list, seen: set[str]) -> list[str]:
     return problems[:3]
 
 
-def plus_sidecars(check: ContentCheck | None) -> ContentCheck:
-    """``check`` per file, plus ``sidecar_problems`` once per artifact (with its last file)."""
+def plus_sidecars(check: ContentCheck | None, *once: Callable[[mf.Manifest], list[str]]) -> ContentCheck:
+    """``check`` per file, plus ``sidecar_problems`` and each of ``once`` once per artifact (with its last file)."""
     def run(manifest: mf.Manifest, entry: dict, where: Path) -> list[str]:
         problems = check(manifest, entry, where) if check is not None else []
         files = manifest.data.get("files")
         if files and entry is files[-1]:
             problems += sidecar_problems(manifest)
+            for artifact_check in once:
+                problems += artifact_check(manifest)
         return problems
     return run
 
 
 _PER_FILE = {"dataset": check_dataset_part, "logits": check_logits_part,
              "selection": check_selection_part, "exclusion": check_exclusion_part}
-CHECKS = {kind: plus_sidecars(check) for kind, check in _PER_FILE.items()}
+_ONCE = {"selection": (report_problems,)}  # what a stage promises beside its manifest (select: its report)
+CHECKS = {kind: plus_sidecars(check, *_ONCE.get(kind, ())) for kind, check in _PER_FILE.items()}

@@ -56,10 +56,24 @@ def publish_report(out: Path, files: dict[str, bytes], *, stage: str, params: di
     if target.exists():
         existing = mf.load(target, kind="report")
         if existing.id == data["id"]:
+            _repair(out, files)
             return target
         raise ManifestError(f"{target} holds another report (id {existing.id[:12]} vs {data['id'][:12]}); "
                             "write to a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     for name, body in sorted(files.items()):
         write_atomic(out / name, body)
-    return mf.write(data, out)
+    try:
+        return mf.write(data, out)
+    except ManifestError:  # a concurrent writer of the same report published it meanwhile: one commit wins
+        if target.is_file() and mf.load(target, kind="report").id == data["id"]:
+            return target
+        raise
+
+
+def _repair(out: Path, files: dict[str, bytes]) -> None:
+    """Rewrite the files of an existing, identical report that are missing or damaged (others are untouched)."""
+    for name, body in sorted(files.items()):
+        path = out / name
+        if not path.is_file() or path.stat().st_size != len(body) or path.read_bytes() != body:
+            write_atomic(path, body)

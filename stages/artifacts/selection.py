@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -12,9 +13,28 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
+from pipeline.verify import verify
 from stages.artifacts.parquet import checksum, read_parquet, source
 
 SCHEMA_VERSION = 1
+REPORT_DIR = "report"  # the report the select stage writes beside a selection, before its manifest
+
+
+def report_problems(selection: mf.Manifest) -> list[str]:
+    """What is wrong with the report a selection made by ``kdpipe select`` promises (``REPORT_DIR`` beside it: a
+    report manifest of this selection whose files verify); empty when it is intact or none is promised."""
+    if selection.data.get("producer", {}).get("stage") != "select":
+        return []
+    return report_issues(selection)
+
+
+def report_issues(selection: mf.Manifest) -> list[str]:
+    """What is wrong with the report beside ``selection`` (missing, another selection's, a file damaged)."""
+    target = selection.folder / REPORT_DIR / mf.MANIFEST_NAME
+    problems = verify(target)
+    if not problems and mf.load(target).params.get("selection_id") != selection.id:
+        problems = [f"{target}: is the report of another selection"]
+    return [f"the selection's report: {p} (rerun the select stage to write it)" for p in problems]
 
 
 def check_selection_part(manifest, entry: dict, path: Path) -> list[str]:
@@ -46,7 +66,29 @@ def check_selection_part(manifest, entry: dict, path: Path) -> list[str]:
     expected = np.arange(originals.sum()) - np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))
     if not np.array_equal(rank[originals], expected):
         problems.append(f"{path}: ranks of originals are not 0, 1, 2, ... within each label")
-    return problems
+    return problems + _quota_problems(path, labels, manifest.params) + _meta_problems(path, table.schema,
+                                                                                     manifest.params)
+
+
+def _quota_problems(path: Path, labels: np.ndarray, params: dict) -> list[str]:
+    """Rows per class (balance copies included) never exceed the manifest's ``per_class`` quota."""
+    quotas = params.get("per_class")
+    if not isinstance(quotas, list) or not len(labels) or labels.max() >= len(quotas):
+        return []
+    counts = np.bincount(labels, minlength=len(quotas))
+    over = [f"class {c}: {int(counts[c])} rows > per_class {quotas[c]}" for c in np.flatnonzero(counts > quotas)]
+    return [f"{path}: more rows than the manifest's quota ({', '.join(over[:5])}); the part is not this "
+            "selection's (another writer's, or made with other parameters)"] if over else []
+
+
+def _meta_problems(path: Path, schema: pa.Schema, params: dict) -> list[str]:
+    """The part's own metadata (written by ``kdpipe select``) agrees with the manifest's params."""
+    raw = (schema.metadata or {}).get(b"kdpipe")
+    if raw is None:
+        return []
+    meta = json.loads(raw)
+    return [f"{path}: metadata {k}={meta[k]!r}, the manifest says {params.get(k)!r}"
+            for k in ("logits_id", "policy", "temperature", "topk", "top_p") if k in meta and meta[k] != params.get(k)]
 
 
 def _type_problems(path: Path, schema: pa.Schema) -> list[str]:

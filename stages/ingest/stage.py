@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
-from pipeline.atomic import publish, staged
+from pipeline.atomic import write_atomic
 from pipeline.errors import InputError
 from pipeline.parts import PartResult, PartStore, fingerprint
 from pipeline.planning import plan_block
@@ -182,10 +182,10 @@ def ingest(src: str, out: Path, *, shard_size: int = IngestOptions.shard_size,
         folder = out / name if name else out
         params = {"source": src, "shard_size": shard_size, "shard_bytes": shard_bytes, "split": name,
                   "split_spec": split, "seed": seed, "labels_hidden": hide}
+        if hide and source.labeled:  # before the split's manifest: a manifest never precedes what it promises
+            _write_hidden_labels(out / HIDDEN / f"{name}-labels.parquet", items)
         results[name or "all"] = _ingest_group(source, items, folder, params, hide, task_index, num_tasks,
                                                do_finalize)
-        if hide and source.labeled:
-            _write_hidden_labels(out / HIDDEN / f"{name}-labels.parquet", items)
     return results
 
 
@@ -236,6 +236,9 @@ def skipped_totals(source: Source) -> dict:
 def _write_hidden_labels(path: Path, items: list[Item]) -> None:
     """Labels of a split whose labels are hidden from every stage (for evaluation of pseudo-labels only)."""
     table = pa.table({"key": [i.key for i in items], "label": pa.array([i.label for i in items], pa.int32())})
-    with staged(path) as tmp:
-        pq.write_table(table, tmp)
-    publish(tmp, path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    body = sink.getvalue().to_pybytes()
+    if not path.is_file() or path.read_bytes() != body:  # a rerun leaves an identical file untouched
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, body)

@@ -19,16 +19,17 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from stages.artifacts.parquet import source
 from stages.artifacts.reports import new_figure, png_bytes, publish_report, report_manifest
+from stages.artifacts.selection import REPORT_DIR, report_issues
 from stages.select.gallery import gallery_files
 
 log = logging.getLogger(__name__)
-REPORT_DIR = "report"
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
 def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
                  dataset: str | Path | None = None) -> Path:
-    """Write the report beside ``selection``; return the report manifest's path (kept if it exists).
+    """Write the report beside ``selection`` (before its manifest is published: ``selection`` may exist only in
+    memory); return the report manifest's path (kept when it exists and verifies).
 
     Args:
         selection: the finalized selection manifest.
@@ -39,8 +40,8 @@ def write_report(selection: mf.Manifest, stats: dict, gallery: int = 0,
     """
     folder = selection.folder / REPORT_DIR
     target = folder / mf.MANIFEST_NAME
-    if target.exists():
-        log.info("%s exists; delete %s to redo the report", target, folder)
+    if not report_issues(selection):
+        log.info("%s exists and verifies; delete %s to redo the report", target, folder)
         return target
     files, described = _report(selection, stats, gallery, dataset)
     return publish_report(folder, files, **described, inputs=[mf.input_ref(selection, folder, "selection")])

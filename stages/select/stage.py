@@ -5,7 +5,7 @@ survivors' payload (``fetch``) and commits its exact per-class candidates (top K
 ``exact_rows``) as ``DIR/_map/tasks-<n>/part-<i>.parquet``.
 Reduce: when every map part is committed (the last task to finish, or ``--finalize``), the map parts are
 streamed through the same accumulator; the result, with ranks and balance copies, is committed as
-``DIR/part-000000.parquet``; then the selection manifest and the report (``DIR/report/``) are written.
+``DIR/part-000000.parquet``; then the report (``DIR/report/``) and, last, the selection manifest are written.
 Memory is O(classes x K) plus one read batch in both steps; the output is the same for any n.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -259,9 +260,23 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
         report = lambda data: report_objects(mf.RemoteManifest(RemotePath(f"{out}/{mf.MANIFEST_NAME}"), data),
                                              stats, gallery=gallery, dataset=dataset)
         return finalize_remote(store, 1, build, lambda data: {**sidecars_for(data), **report(data)})
-    path = finalize(store, 1, with_sidecars(out, build))
-    write_report(mf.load(path, kind="selection"), stats, gallery=gallery, dataset=dataset)
-    return path
+    report = lambda data: write_report(mf.Manifest(out / mf.MANIFEST_NAME, data), stats, gallery=gallery,
+                                       dataset=dataset)
+    return finalize(store, 1, with_report(out, with_sidecars(out, build), report))
+
+
+def with_report(out: Path, build: Callable[[list[dict]], dict],
+                report: Callable[[dict], Path]) -> Callable[[list[dict]], dict]:
+    """``build`` that also writes the selection report (``report(data)``) before finalize publishes the manifest:
+    a selection manifest never precedes its report, so a kill or a full disk in between leaves no manifest and
+    the rerun writes both. A rerun over a manifest of the same id repairs a missing or damaged report."""
+    def wrapped(receipts: list[dict]) -> dict:
+        data = build(receipts)
+        target = out / mf.MANIFEST_NAME
+        if not target.exists() or mf.load(target).id == data["id"]:
+            report(data)
+        return data
+    return wrapped
 
 
 def _map_totals(maps: PartStore, receipts: list[dict]) -> dict:

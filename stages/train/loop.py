@@ -10,6 +10,7 @@ an uninterrupted one. On CUDA: bf16 autocast and channels_last.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import manifest as mf
 from pipeline.errors import FingerprintMismatch, InputError, IntegrityError
 from pipeline.hashing import sha256_json
+from pipeline.lease import Lease, take
 from pipeline.progress import Progress
 from stages import imaging
 from stages.artifacts.cards import write_card
@@ -55,14 +57,17 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     fingerprint: str
+    fingerprint_body: dict
     lineage: list[tuple[mf.Manifest, str]]
     eval_data: mf.Manifest | None
+    lease: Lease
     state: dict = field(default_factory=dict)
+    finished: bool = False
 
 
 def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init: str | Path | None = None,
           teacher_logits: list[str | Path] | None = None, eval_data: str | Path | None = None,
-          resume: bool = False, kind: str = "model", stage: str = "train") -> Path:
+          resume: bool = True, kind: str = "model", stage: str = "train") -> Path:
     """Train a classifier on dataset manifests and write its card (``kind`` model or teacher) in ``out``.
 
     Args:
@@ -72,7 +77,8 @@ def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init
         init: starting weights (card, training folder, checkpoints folder or weights file); fine-tuning.
         teacher_logits: logits manifests of the ``train`` datasets (one each), joined by key, for soft/mix.
         eval_data: a labeled dataset manifest; its top-1 is measured each epoch and put in the card.
-        resume: continue from ``out/checkpoints`` when it holds a checkpoint (else start from scratch).
+        resume: kept for older callers; a run always continues from the last checkpoint in ``out/checkpoints``
+            when that checkpoint has this run's fingerprint, and is refused (naming what changed) otherwise.
         kind: ``model`` (a student) or ``teacher``.
         stage: the producer stage name recorded in the card.
 
@@ -82,19 +88,22 @@ def train(train: list[str | Path], out: str | Path, config: TrainConfig, *, init
     if config.threads:
         torch.set_num_threads(config.threads)
     env = dd.setup(config.device)
+    run = None
     try:
-        run = _start(env, [Path(p) for p in train], Path(out), config, init, teacher_logits, eval_data, resume,
-                     kind)
+        run = _start(env, [Path(p) for p in train], Path(out), config, init, teacher_logits, eval_data, kind)
+        if run.finished:
+            log.info("%s: this run is complete (its card and final checkpoint); nothing to do", run.out)
+            return run.out / mf.MANIFEST_NAME
         for epoch in range(run.state["epoch"], config.epochs):
             _run_epoch(run, epoch)
         return _finish(run, kind, stage)
     finally:
+        if run is not None:
+            run.lease.release()
         dd.teardown(env)
 
 
-def _start(env, train, out, config, init, teacher_logits, eval_data, resume, kind) -> Run:
-    if (out / mf.MANIFEST_NAME).exists():
-        raise InputError(f"{out}: holds a finished run ({mf.MANIFEST_NAME}); write to a new --out folder")
+def _start(env, train, out, config, init, teacher_logits, eval_data, kind) -> Run:
     inputs = load_inputs(train, teacher_logits, config)
     plan = make_plan(inputs, config, env.world)
     _verify(plan, env)
@@ -104,12 +113,20 @@ def _start(env, train, out, config, init, teacher_logits, eval_data, resume, kin
     net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.world > 1 else model
     optimizer, scheduler = _optimizer(model, config, plan)
-    fp = sha256_json({"code": CODE_VERSION, "config": config.fingerprint_params(), "kind": kind,
-                      "train": [m.id for m in inputs.manifests], "logits": [_id(p) for p in inputs.logits],
-                      "init": init_id, "world": env.world})
-    run = Run(env, config, inputs, plan, out, model, net, optimizer, scheduler, fp, lineage, eval_manifest)
+    body = {"code": CODE_VERSION, "config": config.fingerprint_params(), "kind": kind,
+            "train": [m.id for m in inputs.manifests], "logits": [_id(p) for p in inputs.logits],
+            "init": init_id, "world": env.world}
+    lease = take(out / CHECKPOINTS, {"hash": sha256_json(body), "stage": kind, "code_version": CODE_VERSION,
+                                     "params": _flatten(json.loads(json.dumps(body)))}, out)
+    run = Run(env, config, inputs, plan, out, model, net, optimizer, scheduler, sha256_json(body), body, lineage,
+              eval_manifest, lease)
     run.state = _fresh_state(plan)
-    _maybe_resume(run, resume)
+    try:
+        _maybe_resume(run)
+        _check_finished(run)
+    except BaseException:
+        lease.release()
+        raise
     log.info("training %s on %d shard(s), %d sample(s): %d rank(s) x %d step(s)/epoch x %d epoch(s), loss %s",
              config.arch, len(plan.shards), plan.total_samples, env.world, plan.steps_per_epoch, config.epochs,
              config.loss)
@@ -164,27 +181,56 @@ def _fresh_state(plan: DataPlan) -> dict:
             "failures": [0.0] * len(REASONS), "history": [], "losses": [], "epoch_seconds": 0.0}
 
 
-def _maybe_resume(run: Run, resume: bool) -> None:
+def _maybe_resume(run: Run) -> None:
+    """Continue from the last checkpoint in ``out/checkpoints`` when it was made by the same run (same
+    fingerprint: config, inputs, init, ranks); refuse, naming what changed, when it was not."""
     folder = run.out / CHECKPOINTS
-    if not resume:
-        if (folder / ckpt.POINTER).exists():
-            raise InputError(f"{folder}: holds checkpoints of an earlier run; pass --resume to continue it, "
-                             "or write to a new --out folder")
-        return
     loaded = ckpt.load_latest(folder)
     if loaded is None:
-        log.info("%s: no checkpoint yet; starting from step 0", folder)
         return
     if loaded.state["fingerprint"] != run.fingerprint:
-        raise FingerprintMismatch(f"{loaded.path}: was made with other inputs or parameters (or another number "
-                                  "of ranks / workers); resume with the same command, or use a new --out")
+        changed = fingerprint_changes(loaded.state.get("fingerprint_body"), run.fingerprint_body)
+        raise FingerprintMismatch(
+            f"{folder}: holds checkpoints of a run with other inputs or parameters ({changed}); rerun with the "
+            f"same ones to resume it, write to a new --out folder, or delete {folder} to start over")
     run.model.load_state_dict(loaded.model, strict=True)
     run.optimizer.load_state_dict(loaded.optimizer)
     run.scheduler.load_state_dict(loaded.scheduler)
-    run.state = {k: v for k, v in loaded.state.items() if k != "fingerprint"}
+    run.state = {k: v for k, v in loaded.state.items() if k not in ("fingerprint", "fingerprint_body")}
     if not run.env.is_main:  # rank 0 carries the run-wide partial sums of the epoch in progress
         run.state["sums"], run.state["failures"] = [0.0] * 4, [0.0] * len(REASONS)
     log.info("resumed from %s at step %d (epoch %d)", loaded.path, run.state["step"], run.state["epoch"])
+
+
+def _check_finished(run: Run) -> None:
+    """A card in ``out`` is this run's when its last checkpoint (same fingerprint, checked on resume) ended the last
+    epoch: the run is then complete (a rerun does no work); any other card is refused."""
+    if not (run.out / mf.MANIFEST_NAME).exists():
+        return
+    if run.state["epoch"] < run.config.epochs:
+        raise InputError(f"{run.out}: holds a finished run ({mf.MANIFEST_NAME}) that is not this one (no final "
+                         "checkpoint with these inputs and parameters); write to a new --out folder")
+    run.finished = True
+
+
+def fingerprint_changes(before: dict | None, now: dict) -> str:
+    """``config.lr: 0.05 -> 0.5; train: [...] -> [...]``: the fingerprint fields that differ."""
+    if not isinstance(before, dict):
+        return "fingerprint differs; the checkpoint predates recorded parameters"
+    flat_before, flat_now = _flatten(before), _flatten(json.loads(json.dumps(now)))
+    keys = sorted(set(flat_before) | set(flat_now))
+    return "; ".join(f"{k}: {flat_before.get(k)!r} -> {flat_now.get(k)!r}" for k in keys
+                     if flat_before.get(k) != flat_now.get(k)) or "fingerprint differs"
+
+
+def _flatten(body: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in body.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _run_epoch(run: Run, epoch: int) -> None:
@@ -271,7 +317,8 @@ def _checkpoint(run: Run) -> None:
     _gather_sums(run)
     if run.env.is_main:
         ckpt.save_checkpoint(run.out / CHECKPOINTS, run.state["step"], run.model.state_dict(), run.optimizer,
-                             run.scheduler, {**run.state, "fingerprint": run.fingerprint})
+                             run.scheduler, {**run.state, "fingerprint": run.fingerprint,
+                                                             "fingerprint_body": run.fingerprint_body})
     dd.barrier(run.env)
 
 

@@ -11,7 +11,7 @@ from stages.train.loop import train
 
 def train_teacher(train_data: list[str | Path], out: str | Path, config: TrainConfig, *,
                   eval_data: str | Path | None = None, init: str | Path | None = None,
-                  resume: bool = False) -> Path:
+                  resume: bool = True) -> Path:
     """Supervised training on labeled dataset manifests (hard labels) -> teacher card in ``out``.
 
     Args:
@@ -20,7 +20,8 @@ def train_teacher(train_data: list[str | Path], out: str | Path, config: TrainCo
         config: the training configuration; its loss must be ``hard``.
         eval_data: labeled manifest whose top-1 goes into the card's metrics.
         init: starting weights (e.g. a pretrained checkpoint to fine-tune).
-        resume: continue an interrupted run from its last checkpoint.
+        resume: kept for older callers; an interrupted run always continues from its last checkpoint when
+            its fingerprint is the same (``stages.train.loop.train``).
     """
     if config.loss != "hard":
         raise InputError(f"a teacher is trained on labels: loss must be 'hard', not {config.loss!r}")

@@ -31,7 +31,9 @@ def add_training_args(p: argparse.ArgumentParser, losses: bool = True, train_req
                        help="logits manifest(s) of the --train dataset(s), joined by key (soft/mix on labeled data)")
     p.add_argument("--init", default=None, type=Path, help="start from a card, a training folder, its "
                                                            "checkpoints folder, or a weights file (fine-tuning)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="accepted for older scripts: a rerun always continues from the last checkpoint in --out "
+                        "when it was made with the same inputs and parameters (else it is refused, naming them)")
     add_options(p, TrainConfig, skip=() if losses else _LOSS_FIELDS, title="training")
     g = p.add_argument_group(f"preprocessing (default: the --init card's, else {DIGITS_PREPROCESS.size} px, "
                              f"crop {DIGITS_PREPROCESS.crop_fraction}, {DIGITS_PREPROCESS.interpolation})")
