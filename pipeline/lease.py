@@ -34,7 +34,7 @@ import socket
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.errors import FingerprintMismatch, InputError
+from pipeline.errors import FingerprintMismatch, InputError, named_os_error
 
 log = logging.getLogger(__name__)
 MUTEX = "_lease.lock"
@@ -57,8 +57,9 @@ def take(lock_dir: Path | str, fp: dict, folder: Path | str | None = None) -> Le
     try:
         lease.acquire()
     except OSError as exc:  # read-only filesystem, permissions, full disk: name the folder, no traceback
-        raise InputError(f"{lease.folder}: cannot write its lease ({lease.path.name}: {exc.strerror or exc}); "
-                         "the output folder must be on a writable filesystem with free space") from None
+        raise (named_os_error(exc, lease.folder) or InputError(
+            f"{lease.folder}: cannot write its lease ({lease.path.name}: {exc.strerror or exc}); the output folder "
+            "must be on a writable filesystem with free space")) from None
     return lease
 
 

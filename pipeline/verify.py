@@ -26,7 +26,7 @@ from pipeline.storage import RemotePath, filesystem, open_read, scheme_of, sha25
 
 log = logging.getLogger(__name__)
 ContentCheck = Callable[[mf.Manifest, dict, Path], list[str]]
-_PART = re.compile(r"part-\d+\.[A-Za-z0-9.]+")
+_PART = re.compile(r"part-\d+(\.[A-Za-z0-9.]+)")
 
 
 def parquet_rows(path: Path) -> int:
@@ -52,15 +52,23 @@ def verify(path: str | Path, checks: dict[str, ContentCheck] | None = None, jobs
 
 def stray_parts(manifest: mf.Manifest) -> list[str]:
     """Part files in the manifest's folder that it does not list (a second writer's, e.g. another shard size):
-    a reader that globs the folder would take them for the artifact's."""
+    a reader that globs the folder would take them for the artifact's. Only files of the listed parts' kind
+    (``part-N.parquet``, ``.tar``...) count: an ``index`` folder's own records are not its files."""
     try:
-        listed = {(w if isinstance(w, RemotePath) else Path(w)).resolve()
-                  for w in map(manifest.file_path, manifest.files) if not isinstance(w, str)}
-        found = sorted((p for p in _listing(manifest.folder) if _PART.fullmatch(p.name) and p.is_file()), key=str)
+        paths = [w for w in map(manifest.file_path, manifest.files) if not isinstance(w, str)]
+        listed = {(w if isinstance(w, RemotePath) else Path(w)).resolve() for w in paths}
+        kinds = {_part_kind(w.name) for w in paths} - {None}
+        found = sorted((p for p in _listing(manifest.folder) if _part_kind(p.name) in kinds and p.is_file()), key=str)
     except OSError:  # unreadable folder or entry: the per-file checks name it
         return []
     return [f"{p}: a part file the manifest does not list (another writer's?); delete it, or rerun the stage in "
             "a new folder" for p in found if p.resolve() not in listed]
+
+
+def _part_kind(name: str) -> str | None:
+    """``.parquet`` for ``part-000001.parquet``; None for a name that is not a part's."""
+    match = _PART.fullmatch(name)
+    return match.group(1) if match else None
 
 
 def _listing(folder) -> list:
