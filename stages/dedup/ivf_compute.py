@@ -1,0 +1,266 @@
+"""The computing of the IVF dedup steps, one part at a time: train the quantizer, assign a part, search lists.
+
+Layouts (Parquet parts, one folder per step, see ``stages.dedup.ivf``):
+
+- train part: ``list`` int32, ``centroid`` fixed_size_list<float32>[D] (unit norm), one row per list.
+- assign part: ``list`` int32, ``gid`` int64 (``(logits part << 32) + row``), ``primary`` bool, ``key``,
+  ``embedding`` (the logits part's float16 values, unchanged), ``ref_key`` / ``ref_sim`` (the most similar
+  reference image when at or above the threshold, on primary rows; else null); sorted by (list, gid), row groups
+  of ``GROUP_ROWS`` with ``list`` statistics.
+- search part: one row per pair ``a < b`` (row ids) at cosine >= threshold: ``a``, ``b``, ``sim``, ``key_a``,
+  ``key_b``, ``emb_a``, ``emb_b``; sorted by (a, b).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import manifest as mf
+from pipeline.errors import InputError
+from pipeline.parts import PartResult
+from stages.artifacts.logits_reader import LogitsSet
+from stages.artifacts.parquet import open_parquet, read_parquet
+from stages.dedup.core import flat_index, load_embeddings, unit_rows
+
+log = logging.getLogger(__name__)
+GROUP_ROWS = 4096
+NITER = 20
+_GPU: list = []  # one faiss GPU resource per process, made on first use
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The IVF method's settings (see ``DedupOptions``)."""
+
+    threshold: float
+    neighbors: int
+    batch_rows: int
+    lists: int
+    probe: int
+    train_sample: int
+    seed: int
+    list_block: int
+
+    def check(self) -> None:
+        for name in ("neighbors", "batch_rows", "lists", "probe", "train_sample", "list_block"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.probe > self.lists:
+            raise InputError(f"--probe {self.probe}: at most --lists ({self.lists})")
+        if self.train_sample < self.lists:
+            raise InputError(f"--train-sample {self.train_sample}: at least --lists ({self.lists}); faiss advises "
+                             "39 or more per list")
+
+    def train_params(self) -> dict:
+        return {"lists": self.lists, "train_sample": self.train_sample, "seed": self.seed, "niter": NITER,
+                "kmeans": "spherical"}
+
+    def search_params(self) -> dict:
+        return {"threshold": self.threshold, "neighbors": self.neighbors, "list_block": self.list_block}
+
+    def search_parts(self) -> int:
+        return -(-self.lists // self.list_block)
+
+
+def _fixed(values: np.ndarray, kind: pa.DataType) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), kind), values.shape[1])
+
+
+# --- train -------------------------------------------------------------------------------------------------------
+
+def sample_parts(pool: LogitsSet, want: int, seed: int) -> list[int]:
+    """Logits parts, in a seeded random order, until they hold ``want`` rows (sorted)."""
+    order = np.random.default_rng(seed).permutation(pool.num_parts)
+    rows = np.cumsum([pool.manifest.files[i]["rows"] for i in order])
+    stop = int(np.searchsorted(rows, want)) + 1
+    return sorted(int(i) for i in order[:stop])
+
+
+def train_part(pool: LogitsSet, settings: Settings, tmp: Path) -> PartResult:
+    """Spherical k-means of ``lists`` centroids on a seeded sample of the pool's embeddings."""
+    dim = int(pool.params["embedding_dim"])
+    parts = sample_parts(pool, settings.train_sample, settings.seed)
+    vectors = np.concatenate([unit_rows(pool.read_part(i, ["embedding"]).column("embedding"), dim) for i in parts])
+    if len(vectors) < settings.lists:
+        raise InputError(f"--lists {settings.lists}: the pool has only {len(vectors)} images; lower --lists")
+    rng = np.random.default_rng(settings.seed)
+    sample = vectors[np.sort(rng.choice(len(vectors), min(settings.train_sample, len(vectors)), replace=False))]
+    kmeans = faiss.Kmeans(dim, settings.lists, niter=NITER, seed=settings.seed, spherical=True,
+                          gpu=faiss.get_num_gpus() > 0, verbose=False)
+    kmeans.train(sample)
+    table = pa.table({"list": pa.array(np.arange(settings.lists, dtype=np.int32)),
+                      "centroid": _fixed(kmeans.centroids.astype(np.float32), pa.float32())})
+    pq.write_table(table, tmp, compression="zstd")
+    log.info("dedup train: %d centroids from %d embeddings of %d parts", settings.lists, len(sample), len(parts))
+    return PartResult(expected_rows=settings.lists, extra={"sample_rows": len(sample), "sample_parts": len(parts)})
+
+
+# --- assign ------------------------------------------------------------------------------------------------------
+
+def assign_state(trained: mf.Manifest, ref: LogitsSet | None, settings: Settings) -> dict:
+    """What an assign task loads once: the centroid index and the reference's index and keys."""
+    table = read_parquet(trained.file_path(trained.files[0]), what="dedup train part")
+    dim = table.schema.field("centroid").type.list_size
+    centroids = np.ascontiguousarray(table.column("centroid").combine_chunks().values.to_numpy().reshape(-1, dim))
+    state = {"centroids": flat_index(centroids), "ref": None, "ref_keys": None}
+    if ref is not None:
+        state["ref_keys"], ref_matrix = load_embeddings(ref, settings.batch_rows)
+        state["ref"] = flat_index(ref_matrix)
+    return state
+
+
+def _search(index, matrix: np.ndarray, k: int, batch_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    sims, ids = [], []
+    for start in range(0, len(matrix), batch_rows):
+        s, i = index.search(matrix[start:start + batch_rows], k)
+        sims.append(s)
+        ids.append(i)
+    if not sims:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return np.concatenate(sims), np.concatenate(ids)
+
+
+def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tmp: Path) -> PartResult:
+    """One logits part's rows, each with its ``probe`` nearest lists, and their contamination."""
+    table = pool.read_part(index, ["key", "embedding"])
+    matrix = unit_rows(table.column("embedding"), int(pool.params["embedding_dim"]))
+    _, lists = _search(state["centroids"], matrix, settings.probe, settings.batch_rows)
+    n, probe = len(matrix), settings.probe
+    row = np.repeat(np.arange(n, dtype=np.int64), probe)
+    gid = (np.int64(index) << 32) + row
+    flat_lists = lists.reshape(-1).astype(np.int32)
+    order = np.lexsort((gid, flat_lists))
+    ref_key, ref_sim = _contamination(state, matrix, settings)
+    primary = np.tile(np.arange(probe) == 0, n)[order]
+    take = pa.array(row[order])
+    rows = pa.table({
+        "list": pa.array(flat_lists[order]), "gid": pa.array(gid[order]), "primary": pa.array(primary),
+        "key": table.column("key").take(take), "embedding": table.column("embedding").take(take),
+        "ref_key": pc.if_else(pa.array(primary), ref_key.take(take), pa.nulls(len(order), pa.string())),
+        "ref_sim": pc.if_else(pa.array(primary), ref_sim.take(take), pa.nulls(len(order), pa.float32())),
+    })
+    pq.write_table(rows, tmp, compression="zstd", row_group_size=GROUP_ROWS, write_statistics=["list"],
+                   use_dictionary=False)
+    contaminated = int(pc.count(ref_key).as_py())
+    return PartResult(expected_rows=len(order), input={"logits_part": index},
+                      extra={"images": n, "contaminated": contaminated})
+
+
+def _contamination(state: dict, matrix: np.ndarray, settings: Settings) -> tuple[pa.Array, pa.Array]:
+    """Per row: the most similar reference key and its similarity when >= threshold (else null)."""
+    n = len(matrix)
+    if state["ref"] is None:
+        return pa.nulls(n, pa.string()), pa.nulls(n, pa.float32())
+    sim, idx = _search(state["ref"], matrix, 1, settings.batch_rows)
+    hit = (sim[:, 0] >= settings.threshold) & (idx[:, 0] >= 0)
+    keys = state["ref_keys"].take(pa.array(np.where(hit, idx[:, 0], 0)))
+    mask = pa.array(~hit)
+    return (pc.if_else(mask, pa.nulls(n, pa.string()), keys),
+            pc.if_else(mask, pa.nulls(n, pa.float32()), pa.array(sim[:, 0].astype(np.float32))))
+
+
+# --- search ------------------------------------------------------------------------------------------------------
+
+class AssignReader:
+    """Reads the rows of a range of lists from every assign part (only the row groups that hold them)."""
+
+    COLUMNS = ["list", "gid", "primary", "key", "embedding"]
+
+    def __init__(self, assigned: mf.Manifest):
+        self.parts, self.schema = [], None
+        for entry in assigned.files:
+            path = assigned.file_path(entry)
+            if path.stat().st_size != entry["bytes"]:
+                raise InputError(f"{path}: size differs from {assigned.path}; rerun `--step assign` for it")
+            handle = open_parquet(path, what="dedup assign part")
+            meta, self.schema = handle.metadata, handle.schema_arrow
+            column = meta.schema.names.index("list")
+            stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+            bounds = [(st.min, st.max) for st in stats]
+            self.parts.append((path, bounds))
+
+    def read(self, low: int, high: int) -> pa.Table:
+        """Rows with ``low <= list < high``, sorted by (list, gid)."""
+        tables = []
+        for path, bounds in self.parts:
+            groups = [g for g, (lo, hi) in enumerate(bounds) if hi >= low and lo < high]
+            if groups:
+                table = open_parquet(path, what="dedup assign part").read_row_groups(groups, columns=self.COLUMNS)
+                keep = pc.and_(pc.greater_equal(table.column("list"), low), pc.less(table.column("list"), high))
+                tables.append(table.filter(keep))
+        if not tables:
+            return pa.schema([self.schema.field(name) for name in self.COLUMNS]).empty_table()
+        table = pa.concat_tables(tables)
+        return table.sort_by([("list", "ascending"), ("gid", "ascending")])
+
+
+def search_part(reader: AssignReader, index: int, settings: Settings, tmp: Path) -> PartResult:
+    """Pairs at cosine >= threshold among the lists of search part ``index``."""
+    low = index * settings.list_block
+    rows = reader.read(low, min(settings.lists, low + settings.list_block))
+    table = _pair_table(rows, *list_pairs(rows, settings))
+    pq.write_table(table, tmp, compression="zstd", use_dictionary=False)
+    return PartResult(expected_rows=table.num_rows, input={"lists": [low, low + settings.list_block]},
+                      extra={"pairs": table.num_rows, "scanned": rows.num_rows})
+
+
+def list_pairs(rows: pa.Table, settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row index a, row index b, cosine) within ``rows`` for each list: every row against the list's primaries."""
+    if rows.num_rows == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    dim = rows.schema.field("embedding").type.list_size
+    matrix = unit_rows(rows.column("embedding").combine_chunks(), dim)
+    lists = rows.column("list").to_numpy()
+    primary = rows.column("primary").to_numpy(zero_copy_only=False)
+    gid = rows.column("gid").to_numpy()
+    starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]])
+    ends = np.r_[starts[1:], len(lists)]
+    found = [_one_list(matrix, gid, primary, s, e, settings) for s, e in zip(starts, ends)]
+    return tuple(np.concatenate(parts) for parts in zip(*found))
+
+
+def _one_list(matrix, gid, primary, start, end, settings: Settings):
+    base = np.flatnonzero(primary[start:end]) + start
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    if len(base) == 0:
+        return empty
+    k = min(settings.neighbors + 1, len(base))
+    out = [empty]
+    for first in range(start, end, settings.batch_rows):
+        query = np.arange(first, min(end, first + settings.batch_rows))
+        sim, idx = _knn(matrix[query], matrix[base], k)
+        hit = (sim >= settings.threshold) & (gid[base][idx] != gid[query][:, None])
+        r, c = np.nonzero(hit)
+        out.append((query[r], base[idx[r, c]], sim[r, c].astype(np.float32)))
+    return tuple(np.concatenate(parts) for parts in zip(*out))
+
+
+def _knn(query: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products (faiss brute force; on GPU when faiss sees one)."""
+    if faiss.get_num_gpus() > 0:
+        if not _GPU:
+            _GPU.append(faiss.StandardGpuResources())
+        return faiss.knn_gpu(_GPU[0], query, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(query, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def _pair_table(rows: pa.Table, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> pa.Table:
+    gid = rows.column("gid").to_numpy() if rows.num_rows else np.zeros(0, np.int64)
+    ga, gb = gid[a], gid[b]
+    lo, hi = np.where(ga < gb, a, b), np.where(ga < gb, b, a)
+    order = np.lexsort((gid[hi], gid[lo]))
+    lo, hi, sim = lo[order], hi[order], sim[order]
+    first = np.r_[True, (gid[lo][1:] != gid[lo][:-1]) | (gid[hi][1:] != gid[hi][:-1])] if len(lo) else lo > 0
+    lo, hi, sim = lo[first], hi[first], sim[first]
+    take_lo, take_hi = pa.array(lo), pa.array(hi)
+    return pa.table({"a": pa.array(gid[lo]), "b": pa.array(gid[hi]), "sim": pa.array(sim, pa.float32()),
+                     "key_a": rows.column("key").take(take_lo), "key_b": rows.column("key").take(take_hi),
+                     "emb_a": rows.column("embedding").take(take_lo), "emb_b": rows.column("embedding").take(take_hi)})
