@@ -4,7 +4,7 @@ Layouts (Parquet parts, one folder per step, see ``stages.dedup.ivf``):
 
 - train part: ``list`` int32, ``centroid`` fixed_size_list<float32>[D] (unit norm), one row per list.
 - assign part: ``list`` int32, ``gid`` int64 (``(logits part << 32) + row``), ``primary`` bool, ``key``,
-  ``embedding`` (the logits part's float16 values, unchanged), ``ref_key`` / ``ref_sim`` (the most similar
+  ``embedding`` (the logits part's float16 values, unchanged, as fixed_size_binary[2 D]), ``ref_key`` / ``ref_sim`` (the most similar
   reference image when at or above the threshold, on primary rows; else null); sorted by (list, gid), row groups
   of ``GROUP_ROWS`` with ``list`` statistics.
 - search part: one row per pair ``a < b`` (row ids) at cosine >= threshold: ``a``, ``b``, ``sim``, ``key_a``,
@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 from pipeline import manifest as mf
 from pipeline.errors import InputError
 from pipeline.parts import PartResult
+from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet
 from stages.artifacts.parquet import open_parquet, read_parquet
-from stages.dedup.core import flat_index, load_embeddings, unit_rows
+from stages.dedup.core import flat_index, load_embeddings, unit, unit_rows
 
 log = logging.getLogger(__name__)
 GROUP_ROWS = 4096
@@ -72,6 +73,27 @@ class Settings:
 
 def _fixed(values: np.ndarray, kind: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), kind), values.shape[1])
+
+
+def to_binary(values: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """float16 rows as fixed_size_binary[2 D] (internal step files: ~4x faster to write than a list column)."""
+    values = np.ascontiguousarray(values, np.float16)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * values.shape[1]), len(values),
+                                                [None, pa.py_buffer(values.tobytes())])
+
+
+def from_binary(column) -> np.ndarray:
+    """The float16 rows of a fixed_size_binary[2 D] column (``to_binary``'s inverse)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = array.type.byte_width
+    raw = np.frombuffer(array.buffers()[1], np.uint8)[array.offset * width:(array.offset + len(array)) * width]
+    return raw.view(np.float16).reshape(len(array), width // 2)
+
+
+def write_step(table: pa.Table, tmp: Path, **kwargs) -> None:
+    """Write a step part: embeddings uncompressed (random float16 does not compress), the rest zstd."""
+    codecs = {name: "none" if name.startswith("emb") else "zstd" for name in table.column_names}
+    pq.write_table(table, tmp, compression=codecs, use_dictionary=False, **kwargs)
 
 
 # --- train -------------------------------------------------------------------------------------------------------
@@ -131,7 +153,8 @@ def _search(index, matrix: np.ndarray, k: int, batch_rows: int) -> tuple[np.ndar
 def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tmp: Path) -> PartResult:
     """One logits part's rows, each with its ``probe`` nearest lists, and their contamination."""
     table = pool.read_part(index, ["key", "embedding"])
-    matrix = unit_rows(table.column("embedding"), int(pool.params["embedding_dim"]))
+    stored = fixed_list_to_numpy(table.column("embedding"), int(pool.params["embedding_dim"]))
+    matrix = unit(stored)
     _, lists = _search(state["centroids"], matrix, settings.probe, settings.batch_rows)
     n, probe = len(matrix), settings.probe
     row = np.repeat(np.arange(n, dtype=np.int64), probe)
@@ -143,12 +166,11 @@ def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tm
     take = pa.array(row[order])
     rows = pa.table({
         "list": pa.array(flat_lists[order]), "gid": pa.array(gid[order]), "primary": pa.array(primary),
-        "key": table.column("key").take(take), "embedding": table.column("embedding").take(take),
+        "key": table.column("key").take(take), "embedding": to_binary(stored[row[order]]),
         "ref_key": pc.if_else(pa.array(primary), ref_key.take(take), pa.nulls(len(order), pa.string())),
         "ref_sim": pc.if_else(pa.array(primary), ref_sim.take(take), pa.nulls(len(order), pa.float32())),
     })
-    pq.write_table(rows, tmp, compression="zstd", row_group_size=GROUP_ROWS, write_statistics=["list"],
-                   use_dictionary=False)
+    write_step(rows, tmp, row_group_size=GROUP_ROWS, write_statistics=["list"])
     contaminated = int(pc.count(ref_key).as_py())
     return PartResult(expected_rows=len(order), input={"logits_part": index},
                       extra={"images": n, "contaminated": contaminated})
@@ -207,7 +229,7 @@ def search_part(reader: AssignReader, index: int, settings: Settings, tmp: Path)
     low = index * settings.list_block
     rows = reader.read(low, min(settings.lists, low + settings.list_block))
     table = _pair_table(rows, *list_pairs(rows, settings))
-    pq.write_table(table, tmp, compression="zstd", use_dictionary=False)
+    write_step(table, tmp)
     return PartResult(expected_rows=table.num_rows, input={"lists": [low, low + settings.list_block]},
                       extra={"pairs": table.num_rows, "scanned": rows.num_rows})
 
@@ -216,8 +238,7 @@ def list_pairs(rows: pa.Table, settings: Settings) -> tuple[np.ndarray, np.ndarr
     """(row index a, row index b, cosine) within ``rows`` for each list: every row against the list's primaries."""
     if rows.num_rows == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    dim = rows.schema.field("embedding").type.list_size
-    matrix = unit_rows(rows.column("embedding").combine_chunks(), dim)
+    matrix = unit(from_binary(rows.column("embedding")))
     lists = rows.column("list").to_numpy()
     primary = rows.column("primary").to_numpy(zero_copy_only=False)
     gid = rows.column("gid").to_numpy()
@@ -261,6 +282,7 @@ def _pair_table(rows: pa.Table, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -
     first = np.r_[True, (gid[lo][1:] != gid[lo][:-1]) | (gid[hi][1:] != gid[hi][:-1])] if len(lo) else lo > 0
     lo, hi, sim = lo[first], hi[first], sim[first]
     take_lo, take_hi = pa.array(lo), pa.array(hi)
+    stored = from_binary(rows.column("embedding")) if rows.num_rows else np.zeros((0, 1), np.float16)
     return pa.table({"a": pa.array(gid[lo]), "b": pa.array(gid[hi]), "sim": pa.array(sim, pa.float32()),
                      "key_a": rows.column("key").take(take_lo), "key_b": rows.column("key").take(take_hi),
-                     "emb_a": rows.column("embedding").take(take_lo), "emb_b": rows.column("embedding").take(take_hi)})
+                     "emb_a": to_binary(stored[lo]), "emb_b": to_binary(stored[hi])})

@@ -17,9 +17,9 @@ import pyarrow.compute as pc
 
 from pipeline import manifest as mf
 from pipeline.parts import PartResult
-from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.parquet import read_parquet, write_parquet
 from stages.dedup.core import keep_per_component, unit
+from stages.dedup.ivf_compute import from_binary
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,12 @@ def vectors_of(searched: mf.Manifest, wanted: np.ndarray) -> np.ndarray:
     found = None
     for table in _parts(searched, ["a", "b", "emb_a", "emb_b"], "dedup search part"):
         for side in ("a", "b"):
-            ids, column = table.column(side).to_numpy(), table.column(f"emb_{side}").combine_chunks()
+            ids, values = table.column(side).to_numpy(), from_binary(table.column(f"emb_{side}"))
             if found is None:
-                found = np.zeros((len(wanted), column.type.list_size), np.float16)
+                found = np.zeros((len(wanted), values.shape[1]), np.float16)
             pos = np.minimum(np.searchsorted(wanted, ids), max(len(wanted) - 1, 0))
             hit = (wanted[pos] == ids) if len(wanted) else np.zeros(len(ids), bool)
-            found[pos[hit]] = fixed_list_to_numpy(column, column.type.list_size)[hit]
+            found[pos[hit]] = values[hit]
     return unit(found) if found is not None else np.zeros((0, 1), np.float32)
 
 
