@@ -257,20 +257,33 @@ def _one_list(matrix, gid, primary, start, end, settings: Settings):
     out = [empty]
     for first in range(start, end, settings.batch_rows):
         query = np.arange(first, min(end, first + settings.batch_rows))
-        sim, idx = _knn(matrix[query], matrix[base], k)
-        hit = (sim >= settings.threshold) & (gid[base][idx] != gid[query][:, None])
-        r, c = np.nonzero(hit)
-        out.append((query[r], base[idx[r, c]], sim[r, c].astype(np.float32)))
+        r, c, sim = top_hits(matrix[query], matrix[base], k, settings.threshold)
+        own = gid[base][c] != gid[query][r]
+        out.append((query[r[own]], base[c[own]], sim[own]))
     return tuple(np.concatenate(parts) for parts in zip(*out))
 
 
-def _knn(query: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner products (faiss brute force; on GPU when faiss sees one)."""
+def top_hits(query: np.ndarray, base: np.ndarray, k: int, threshold: float):
+    """(query row, base row, cosine) of each query row's ``k`` nearest base rows that are >= ``threshold``.
+
+    On CPU one GEMM and a threshold (hits are rare, so only they are ranked); with a GPU, faiss's brute-force
+    k-NN then the threshold (ties at the k-th place may resolve differently).
+    """
     if faiss.get_num_gpus() > 0:
         if not _GPU:
             _GPU.append(faiss.StandardGpuResources())
-        return faiss.knn_gpu(_GPU[0], query, base, k, metric=faiss.METRIC_INNER_PRODUCT)
-    return faiss.knn(query, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        sim, idx = faiss.knn_gpu(_GPU[0], query, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+        r, c = np.nonzero((sim >= threshold) & (idx >= 0))
+        return r, idx[r, c], sim[r, c].astype(np.float32)
+    sims = query @ base.T
+    r, c = np.nonzero(sims >= threshold)
+    sim = sims[r, c]
+    order = np.lexsort((c, -sim, r))  # per row: most similar first, then by index
+    r, c, sim = r[order], c[order], sim[order]
+    run_start = np.flatnonzero(np.r_[True, r[1:] != r[:-1]]) if len(r) else np.zeros(0, np.int64)
+    rank = np.arange(len(r)) - np.repeat(run_start, np.diff(np.r_[run_start, len(r)]))
+    keep = rank < k
+    return r[keep], c[keep], sim[keep].astype(np.float32)
 
 
 def _pair_table(rows: pa.Table, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> pa.Table:
