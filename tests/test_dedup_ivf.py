@@ -126,9 +126,11 @@ def test_three_tasks_per_step_give_the_bytes_of_one(planted, tmp_path):
         assert mf.load(tmp_path / "t3" / sub).id == mf.load(out / "clean" / sub).id
 
 
-# part.published arrivals in `--step all`: train 1, assign 3, search 3, group 1
-KILLS = [("train", "part.published:1"), ("assign", "part.published:3"), ("search", "part.published:6"),
-         ("group", "part.published:8"), ("search", "mid_part_write:5")]
+# part.begin / part.published arrivals in `--step all`: train 1, assign 3, search 3, group 1; pq.write_table calls:
+# train 1, search 3, group 1 (assign parts are written by a ParquetWriter, one row group per search part)
+KILLS = [("train", "part.published:1"), ("assign", "part.begin:3"), ("assign", "part.published:3"),
+         ("search", "part.published:6"), ("group", "part.published:8"), ("search", "mid_part_write:3"),
+         ("group", "mid_part_write:5")]
 
 
 @pytest.mark.parametrize("step, point", KILLS, ids=[f"{s}-{p.split(':')[0]}" for s, p in KILLS])

@@ -164,7 +164,7 @@ def train(run: Run) -> Path | None:
 def assign(run: Run) -> Path | None:
     trained = _done(run, "train")
     params = {"train_id": trained.id, "probe": run.settings.probe, "threshold": run.settings.threshold,
-              "reference_id": run.ref.id if run.ref else None}
+              "list_block": run.settings.list_block, "reference_id": run.ref.id if run.ref else None}
     store = _store(run, "assign", params)
     state = {}
 
@@ -180,7 +180,7 @@ def assign(run: Run) -> Path | None:
 def search(run: Run) -> Path | None:
     assigned = _done(run, "assign")
     lists = int(_done(run, "train").totals["rows"])
-    settings = replace(run.settings, lists=lists)
+    settings = replace(run.settings, lists=lists, list_block=int(assigned.params["list_block"]))
     params = {"assign_id": assigned.id, **settings.search_params()}
     store = _store(run, "search", params)
     reader = {}

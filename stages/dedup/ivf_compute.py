@@ -5,8 +5,9 @@ Layouts (Parquet parts, one folder per step, see ``stages.dedup.ivf``):
 - train part: ``list`` int32, ``centroid`` fixed_size_list<float32>[D] (unit norm), one row per list.
 - assign part: ``list`` int32, ``gid`` int64 (``(logits part << 32) + row``), ``primary`` bool, ``key``,
   ``embedding`` (the logits part's float16 values, unchanged, as fixed_size_binary[2 D]), ``ref_key`` / ``ref_sim`` (the most similar
-  reference image when at or above the threshold, on primary rows; else null); sorted by (list, gid), row groups
-  of ``GROUP_ROWS`` with ``list`` statistics.
+  reference image when at or above the threshold, on primary rows; else null); sorted by (list, gid), one row
+  group per search part (``list_block`` lists) with ``list`` statistics, so a search part reads one contiguous
+  row group of each assign part and nothing else.
 - search part: one row per pair ``a < b`` (row ids) at cosine >= threshold: ``a``, ``b``, ``sim``, ``key_a``,
   ``key_b``, ``emb_a``, ``emb_b``; sorted by (a, b).
 """
@@ -32,7 +33,6 @@ from stages.artifacts.parquet import open_parquet, read_parquet
 from stages.dedup.core import flat_index, load_embeddings, unit, unit_rows
 
 log = logging.getLogger(__name__)
-GROUP_ROWS = 4096
 NITER = 20
 _GPU: list = []  # one faiss GPU resource per process, made on first use
 
@@ -90,10 +90,26 @@ def from_binary(column) -> np.ndarray:
     return raw.view(np.float16).reshape(len(array), width // 2)
 
 
-def write_step(table: pa.Table, tmp: Path, **kwargs) -> None:
-    """Write a step part: embeddings uncompressed (random float16 does not compress), the rest zstd."""
-    codecs = {name: "none" if name.startswith("emb") else "zstd" for name in table.column_names}
-    pq.write_table(table, tmp, compression=codecs, use_dictionary=False, **kwargs)
+def _codecs(table: pa.Table) -> dict:
+    """Embeddings uncompressed (random float16 does not compress: 2-4x faster writes), the rest zstd."""
+    return {name: "none" if name.startswith("emb") else "zstd" for name in table.column_names}
+
+
+def write_step(table: pa.Table, tmp: Path) -> None:
+    """Write a step part (one row group)."""
+    pq.write_table(table, tmp, compression=_codecs(table), use_dictionary=False, row_group_size=max(1, len(table)))
+
+
+def write_by_block(rows: pa.Table, tmp: Path, list_block: int) -> None:
+    """Write rows sorted by list as one row group per block of ``list_block`` lists (empty blocks: none)."""
+    block = rows.column("list").to_numpy() // list_block
+    cuts = np.flatnonzero(np.r_[True, block[1:] != block[:-1], True]) if len(block) else np.zeros(1, np.int64)
+    with pq.ParquetWriter(tmp, rows.schema, compression=_codecs(rows), use_dictionary=False,
+                          write_statistics=["list"]) as writer:
+        for start, stop in zip(cuts[:-1], cuts[1:]):
+            writer.write_table(rows.slice(start, stop - start), row_group_size=stop - start)
+        if not len(block):
+            writer.write_table(rows)
 
 
 # --- train -------------------------------------------------------------------------------------------------------
@@ -170,7 +186,7 @@ def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tm
         "ref_key": pc.if_else(pa.array(primary), ref_key.take(take), pa.nulls(len(order), pa.string())),
         "ref_sim": pc.if_else(pa.array(primary), ref_sim.take(take), pa.nulls(len(order), pa.float32())),
     })
-    write_step(rows, tmp, row_group_size=GROUP_ROWS, write_statistics=["list"])
+    write_by_block(rows, tmp, settings.list_block)
     contaminated = int(pc.count(ref_key).as_py())
     return PartResult(expected_rows=len(order), input={"logits_part": index},
                       extra={"images": n, "contaminated": contaminated})
