@@ -185,3 +185,17 @@ def test_steps_out_of_order_and_bad_settings_are_named_errors(planted, tmp_path)
     assert main(["dedup", "--query", str(query), "--out", str(tmp_path / "o"), "--method", "ivf", "--lists", "2000",
                  "--train-sample", "4000"]) == 2
     assert main(["dedup", "--query", str(query), "--out", str(tmp_path / "f"), "--step", "train"]) == 2
+
+
+def test_the_bundled_ivf_config_submits_four_chained_steps(tmp_path):
+    from pipeline.cli.submit import submit
+    from tests.slurm_helpers import REPO
+
+    cfg = load_config(REPO / "pipeline/cli/configs/dedup-ivf.yaml", [f"run_dir={tmp_path / 'run'}"])
+    jobs = submit(cfg, dry_run=True, skip_complete=False)
+    assert [(j.stage, j.role) for j in jobs] == [
+        ("dedup_train", "single"), ("dedup_assign", "tasks"), ("dedup_assign", "finalize"),
+        ("dedup_search", "tasks"), ("dedup_search", "finalize"), ("dedup_group", "single")]
+    assert jobs[3].after == ["dedup_assign:finalize"] and jobs[-1].after == ["dedup_search:finalize"]
+    script = (tmp_path / "run/slurm/dedup_search.sbatch").read_text()
+    assert "#SBATCH --array=0-99%100" in script and "--step search" in script and "--no-finalize" in script
