@@ -179,6 +179,10 @@ def run_size(n: int, opts, root: Path) -> dict:
         row["flat"] = child({"what": "flat", "query": str(query), "threshold": opts.threshold,
                              "pairs": str(root / f"flat-{n}.json")})
     print(json.dumps(row), flush=True)
+    if not opts.keep:  # the assign parts hold N x probe embeddings: free the disk before the next size
+        import shutil
+        shutil.rmtree(root / f"ivf-{n}", ignore_errors=True)
+        shutil.rmtree(root / f"pool-{n}", ignore_errors=True)
     return row
 
 
@@ -224,6 +228,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=1000)
     p.add_argument("--flat-max", type=int, default=100_000)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep", action="store_true", help="keep each size's pool and step folders")
     p.add_argument("--json", type=Path, default=None, help="append each size's row here (JSON lines)")
     opts = p.parse_args()
     root = opts.out or Path(tempfile.mkdtemp(prefix="dedup-scale-"))
