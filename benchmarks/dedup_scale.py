@@ -230,7 +230,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep each size's pool and step folders")
     p.add_argument("--json", type=Path, default=None, help="append each size's row here (JSON lines)")
+    p.add_argument("--report", type=Path, nargs="+", default=None,
+                   help="only print the table and slope of the rows in these JSON-lines files (runs combined)")
     opts = p.parse_args()
+    if opts.report:
+        rows = sorted((json.loads(line) for f in opts.report for line in f.read_text().splitlines() if line),
+                      key=lambda r: r["N"])
+        return report(rows, opts.dim)
     root = opts.out or Path(tempfile.mkdtemp(prefix="dedup-scale-"))
     rows = []
     for n in opts.sizes:
@@ -238,7 +244,11 @@ def main() -> None:
         if opts.json:
             with open(opts.json, "a") as fh:
                 fh.write(json.dumps(rows[-1]) + "\n")
-    print(table(rows, opts.dim))
+    report(rows, opts.dim)
+
+
+def report(rows: list[dict], dim: int) -> None:
+    print(table(rows, dim))
     print(f"\nivf time slope (log-log fit over N): {slope(rows):.2f}; brute-force GEMM here: "
           f"{np.mean([r['gflops'] for r in rows]):.1f} GFLOP/s (1 thread)")
 

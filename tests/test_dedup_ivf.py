@@ -126,6 +126,13 @@ def test_three_tasks_per_step_give_the_bytes_of_one(planted, tmp_path):
         assert mf.load(tmp_path / "t3" / sub).id == mf.load(out / "clean" / sub).id
 
 
+def test_assign_parts_of_several_logits_parts_give_the_same_pairs_and_exclusion(planted, tmp_path):
+    out, query, reference, _ = planted
+    manifest = dedup_ivf(query, tmp_path / "b2", reference=reference, assign_block=2, **IVF)
+    assert _rows(tmp_path / "b2") == EXPECTED and _pairs(tmp_path / "b2") == _pairs(out / "clean")
+    assert len(mf.load(tmp_path / "b2/_ivf/assign").files) == 2 and mf.load(manifest).params["assign_block"] == 2
+
+
 # part.begin / part.published arrivals in `--step all`: train 1, assign 3, search 3, group 1; pq.write_table calls:
 # train 1, search 3, group 1 (assign parts are written by a ParquetWriter, one row group per search part)
 KILLS = [("train", "part.published:1"), ("assign", "part.begin:3"), ("assign", "part.published:3"),

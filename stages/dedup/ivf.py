@@ -6,7 +6,7 @@ manifest, so every step is restartable part by part, any task count gives the sa
 
 1. ``train`` (1 part, ``OUT/_ivf/train``): spherical k-means (faiss) of ``--lists`` centroids on
    ``--train-sample`` embeddings drawn with ``--seed`` from whole logits parts (chosen by the same seed).
-2. ``assign`` (one part per logits part, ``OUT/_ivf/assign``): each image's ``--probe`` nearest lists; one row
+2. ``assign`` (one part per ``--assign-block`` logits parts, ``OUT/_ivf/assign``): each image's ``--probe`` nearest lists; one row
    per (image, list): its own (nearest) list is its ``primary`` row, the others are query copies. Rows are
    sorted by (list, row id) in small row groups, so a search part reads only the row groups of its lists.
    With ``--reference``, the part's images are also searched against an exact index of the reference set
@@ -17,7 +17,7 @@ manifest, so every step is restartable part by part, any task count gives the sa
 4. ``group`` (1 part, ``OUT``): union-find over the pairs, streamed part by part; per group the smallest key that
    is not contaminated is kept; the exclusion artifact is the flat method's format (``select --exclude``).
 
-Row ids are ``(logits part << 32) + row``. Memory: train O(train_sample x D), assign O(one logits part +
+Row ids are ``(logits part << 32) + row``. Memory: train O(train_sample x D), assign O(assign_block logits parts +
 reference), search O(the rows of ``list_block`` lists), group O(rows that are in a pair). Search and assign use
 faiss on the GPU(s) when ``faiss.get_num_gpus() > 0`` (same results on CPU within the recall figure).
 """
@@ -68,7 +68,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
               batch_rows: int = DedupOptions.batch_rows, step: str = DedupOptions.step,
               lists: int = DedupOptions.lists, probe: int = DedupOptions.probe,
               train_sample: int = DedupOptions.train_sample, seed: int = DedupOptions.seed,
-              list_block: int = DedupOptions.list_block, task_index: int = 0, num_tasks: int = 1,
+              list_block: int = DedupOptions.list_block, assign_block: int = DedupOptions.assign_block,
+              task_index: int = 0, num_tasks: int = 1,
               finalize_only: bool = False, do_finalize: bool = True, retry_failed: bool = False,
               max_attempts: int = 3) -> Path | None:
     """Run ``step`` (or every step, in one task) of the sharded near-duplicate search of ``query``.
@@ -76,7 +77,7 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     Args:
         query, out, reference, threshold, neighbors, batch_rows: as ``stages.dedup.stage.dedup``.
         step: ``train``, ``assign``, ``search``, ``group`` or ``all`` (all steps in order; one task only).
-        lists, probe, train_sample, seed, list_block: see ``DedupOptions``.
+        lists, probe, train_sample, seed, list_block, assign_block: see ``DedupOptions``.
         task_index, num_tasks: this array task; it runs its block (``plan_block``) of the step's parts.
         finalize_only: only write the step's manifest (every part committed).
         do_finalize: write the step's manifest when every part is committed.
@@ -86,7 +87,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
         The exclusion manifest's path once ``group`` is finalized, else None.
     """
     settings = ivf_compute.Settings(threshold=threshold, neighbors=neighbors, batch_rows=batch_rows, lists=lists,
-                                    probe=probe, train_sample=train_sample, seed=seed, list_block=list_block)
+                                    probe=probe, train_sample=train_sample, seed=seed, list_block=list_block,
+                                    assign_block=assign_block)
     settings.check()
     if step == "all" and num_tasks > 1:
         raise InputError(f"--step all runs every step in one task, not {num_tasks}: give --step "
@@ -164,7 +166,8 @@ def train(run: Run) -> Path | None:
 def assign(run: Run) -> Path | None:
     trained = _done(run, "train")
     params = {"train_id": trained.id, "probe": run.settings.probe, "threshold": run.settings.threshold,
-              "list_block": run.settings.list_block, "reference_id": run.ref.id if run.ref else None}
+              "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
+              "reference_id": run.ref.id if run.ref else None}
     store = _store(run, "assign", params)
     state = {}
 
@@ -174,7 +177,8 @@ def assign(run: Run) -> Path | None:
         return ivf_compute.assign_part(run.pool, index, state, run.settings, tmp)
     inputs = [mf.input_ref(trained, store.out_dir, "ivf_train")]
     inputs += [mf.input_ref(run.ref.manifest, store.out_dir, "reference")] if run.ref else []
-    return _run_step(run, "assign", store, run.pool.num_parts, write, _step_manifest(run, "assign", params, inputs))
+    return _run_step(run, "assign", store, ivf_compute.assign_parts(run.pool, run.settings), write,
+                     _step_manifest(run, "assign", params, inputs))
 
 
 def search(run: Run) -> Path | None:
@@ -197,7 +201,8 @@ def group(run: Run) -> Path | None:
     searched, assigned = _done(run, "search"), _done(run, "assign")
     params = {"threshold": run.settings.threshold, "neighbors": run.settings.neighbors, "metric": "cosine",
               "index": "ivf", "method": "ivf", **run.settings.train_params(), "probe": run.settings.probe,
-              "list_block": run.settings.list_block, "query_id": run.pool.id,
+              "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
+              "query_id": run.pool.id,
               "reference_id": run.ref.id if run.ref else None, "teacher_id": run.pool.teacher_id}
     store = _store(run, "group", params)
     write = lambda index, tmp: ivf_group.group_part(searched, assigned, run.settings, tmp)

@@ -49,9 +49,10 @@ class Settings:
     train_sample: int
     seed: int
     list_block: int
+    assign_block: int = 1
 
     def check(self) -> None:
-        for name in ("neighbors", "batch_rows", "lists", "probe", "train_sample", "list_block"):
+        for name in ("neighbors", "batch_rows", "lists", "probe", "train_sample", "list_block", "assign_block"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.probe > self.lists:
@@ -166,15 +167,31 @@ def _search(index, matrix: np.ndarray, k: int, batch_rows: int) -> tuple[np.ndar
     return np.concatenate(sims), np.concatenate(ids)
 
 
+def assign_parts(pool: LogitsSet, settings: Settings) -> int:
+    """How many assign parts: one per ``assign_block`` consecutive logits parts."""
+    return -(-pool.num_parts // settings.assign_block)
+
+
+def _block_rows(pool: LogitsSet, index: int, settings: Settings) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Keys, stored float16 embeddings and row ids of the logits parts of assign part ``index``."""
+    keys, stored, gids = [], [], []
+    first = index * settings.assign_block
+    for part in range(first, min(pool.num_parts, first + settings.assign_block)):
+        table = pool.read_part(part, ["key", "embedding"])
+        keys.append(table.column("key").combine_chunks())
+        stored.append(fixed_list_to_numpy(table.column("embedding"), int(pool.params["embedding_dim"])))
+        gids.append((np.int64(part) << 32) + np.arange(table.num_rows, dtype=np.int64))
+    return pa.concat_arrays(keys), np.concatenate(stored), np.concatenate(gids)
+
+
 def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tmp: Path) -> PartResult:
-    """One logits part's rows, each with its ``probe`` nearest lists, and their contamination."""
-    table = pool.read_part(index, ["key", "embedding"])
-    stored = fixed_list_to_numpy(table.column("embedding"), int(pool.params["embedding_dim"]))
+    """The rows of ``assign_block`` logits parts, each with its ``probe`` nearest lists, and their contamination."""
+    keys, stored, gids = _block_rows(pool, index, settings)
     matrix = unit(stored)
     _, lists = _search(state["centroids"], matrix, settings.probe, settings.batch_rows)
     n, probe = len(matrix), settings.probe
     row = np.repeat(np.arange(n, dtype=np.int64), probe)
-    gid = (np.int64(index) << 32) + row
+    gid = gids[row]
     flat_lists = lists.reshape(-1).astype(np.int32)
     order = np.lexsort((gid, flat_lists))
     ref_key, ref_sim = _contamination(state, matrix, settings)
@@ -182,13 +199,14 @@ def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tm
     take = pa.array(row[order])
     rows = pa.table({
         "list": pa.array(flat_lists[order]), "gid": pa.array(gid[order]), "primary": pa.array(primary),
-        "key": table.column("key").take(take), "embedding": to_binary(stored[row[order]]),
+        "key": keys.take(take), "embedding": to_binary(stored[row[order]]),
         "ref_key": pc.if_else(pa.array(primary), ref_key.take(take), pa.nulls(len(order), pa.string())),
         "ref_sim": pc.if_else(pa.array(primary), ref_sim.take(take), pa.nulls(len(order), pa.float32())),
     })
     write_by_block(rows, tmp, settings.list_block)
     contaminated = int(pc.count(ref_key).as_py())
-    return PartResult(expected_rows=len(order), input={"logits_part": index},
+    first = index * settings.assign_block
+    return PartResult(expected_rows=len(order), input={"logits_parts": [first, first + settings.assign_block]},
                       extra={"images": n, "contaminated": contaminated})
 
 
@@ -222,14 +240,14 @@ class AssignReader:
             meta, self.schema = handle.metadata, handle.schema_arrow
             column = meta.schema.names.index("list")
             stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
-            bounds = [(st.min, st.max) for st in stats]
+            bounds = np.array([(st.min, st.max) for st in stats], np.int32).reshape(-1, 2)
             self.parts.append((path, bounds))
 
     def read(self, low: int, high: int) -> pa.Table:
         """Rows with ``low <= list < high``, sorted by (list, gid)."""
         tables = []
         for path, bounds in self.parts:
-            groups = [g for g, (lo, hi) in enumerate(bounds) if hi >= low and lo < high]
+            groups = np.flatnonzero((bounds[:, 1] >= low) & (bounds[:, 0] < high)).tolist()
             if groups:
                 table = open_parquet(path, what="dedup assign part").read_row_groups(groups, columns=self.COLUMNS)
                 keep = pc.and_(pc.greater_equal(table.column("list"), low), pc.less(table.column("list"), high))

@@ -28,4 +28,7 @@ class DedupOptions:
     probe: int = option(8, "ivf: nearest lists each image is searched in (its own included)")
     train_sample: int = option(65536, "ivf: embeddings sampled (seeded, whole parts) to train the quantizer")
     seed: int = option(0, "ivf: seed of the training sample and of k-means")
-    list_block: int = option(64, "ivf: lists per search part (bounds a search task's memory)")
+    list_block: int = option(64, "ivf: lists per search part (bounds a search part's memory: list_block x "
+                                 "N/lists x probe rows); aim at ~10^3 search parts at scale")
+    assign_block: int = option(1, "ivf: logits parts per assign part; a search part reads one row group per "
+                                  "assign part, so keep (assign parts x search parts) below ~10^7")
