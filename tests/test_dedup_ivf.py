@@ -206,3 +206,25 @@ def test_the_bundled_ivf_config_submits_four_chained_steps(tmp_path):
     assert jobs[3].after == ["dedup_assign:finalize"] and jobs[-1].after == ["dedup_search:finalize"]
     script = (tmp_path / "run/slurm/dedup_search.sbatch").read_text()
     assert "#SBATCH --array=0-99%100" in script and "--step search" in script and "--no-finalize" in script
+
+
+@pytest.mark.slurm
+def test_the_steps_as_slurm_array_jobs_give_the_local_artifact(slurm_cluster, planted, tmp_path):
+    from tests.slurm_helpers import array_states, wait_jobs, write_config
+    from tests.test_slurm import _submit
+
+    out, query, reference, clean = planted
+    args = {"query": str(query), "reference": str(reference), "method": "ivf", **IVF}
+    stage = lambda step, **more: {"command": "dedup", "args": {**args, "step": step}, "out": "dd", **more}
+    stages = {"dd_train": stage("train", outputs=["_ivf/train"]),
+              "dd_assign": stage("assign", outputs=["_ivf/assign"], mode="array", array=2, needs=["dd_train"]),
+              "dd_search": stage("search", outputs=["_ivf/search"], mode="array", array=3, needs=["dd_assign"]),
+              "dd_group": stage("group", needs=["dd_search"])}
+    ids = _submit(write_config(tmp_path / "ivf.yaml", tmp_path / "run", stages, env={"OMP_NUM_THREADS": 1}))
+    assert list(ids) == ["dd_train:single", "dd_assign:tasks", "dd_assign:finalize", "dd_search:tasks",
+                         "dd_search:finalize", "dd_group:single"]
+    wait_jobs(list(ids.values()), timeout_s=300)
+    assert array_states(ids["dd_assign:tasks"]) == ["COMPLETED"] * 2
+    assert array_states(ids["dd_search:tasks"]) == ["COMPLETED"] * 3
+    assert part_files(tmp_path / "run/dd") == part_files(out / "clean")
+    assert mf.load(tmp_path / "run/dd").id == mf.load(clean).id
