@@ -183,15 +183,31 @@ def test_kdpipe_run_chains_the_steps_from_a_config_and_select_takes_the_exclusio
 
 def test_steps_out_of_order_and_bad_settings_are_named_errors(planted, tmp_path):
     _, query, _, _ = planted
-    with pytest.raises(InputError, match=r"_ivf/assign/manifest.json: no manifest yet; run .*--step assign"):
+    with pytest.raises(InputError, match=r"_ivf/train/manifest.json: no manifest yet; run .*--step train"):
         dedup_ivf(query, tmp_path / "o", step="search", **IVF)
     with pytest.raises(InputError, match="--step all runs every step in one task"):
         dedup_ivf(query, tmp_path / "o", num_tasks=3, **IVF)
+    dedup_ivf(query, tmp_path / "o", step="train", **IVF)
+    with pytest.raises(InputError, match=r"_ivf/assign/manifest.json: no manifest yet; run .*--step assign"):
+        dedup_ivf(query, tmp_path / "o", step="search", **IVF)
+    with pytest.raises(InputError, match=r"_ivf/train/manifest.json: made with lists=8, this step was given 16"):
+        dedup_ivf(query, tmp_path / "o", step="assign", **{**IVF, "lists": 16})
     with pytest.raises(InputError, match="--probe 9: at most --lists"):
         dedup_ivf(query, tmp_path / "o", **{**IVF, "probe": 9})
     assert main(["dedup", "--query", str(query), "--out", str(tmp_path / "o"), "--method", "ivf", "--lists", "2000",
                  "--train-sample", "4000"]) == 2
     assert main(["dedup", "--query", str(query), "--out", str(tmp_path / "f"), "--step", "train"]) == 2
+
+
+@pytest.mark.gpu
+def test_on_gpu_the_same_exclusion_as_on_cpu(planted, tmp_path):
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("faiss sees no GPU (faiss-gpu not installed or no device)")
+    out, query, reference, _ = planted
+    dedup_ivf(query, tmp_path / "gpu", reference=reference, **IVF)
+    assert _rows(tmp_path / "gpu") == EXPECTED and _pairs(tmp_path / "gpu") == _pairs(out / "clean")
 
 
 def test_the_bundled_ivf_config_submits_four_chained_steps(tmp_path):

@@ -25,7 +25,7 @@ faiss on the GPU(s) when ``faiss.get_num_gpus() > 0`` (same results on CPU withi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import manifest as mf
@@ -147,12 +147,20 @@ def _step_manifest(run: Run, name: str, params: dict, inputs: list):
 
 
 def _done(run: Run, name: str) -> mf.Manifest:
-    """The finalized manifest of an earlier step, or a named error saying which step to run first."""
+    """The finalized manifest of an earlier step (its settings equal this run's), or a named error."""
     path = step_folder(run.out, name) / mf.MANIFEST_NAME
     if not path.is_file():
         raise InputError(f"{path}: no manifest yet; run `kdpipe dedup --method ivf --step {name}` (all of its "
                          "tasks) before this step, with the same --query/--out and settings")
-    return mf.load(path, kind=STEP_KIND)
+    done = mf.load(path, kind=STEP_KIND)
+    ours = {"query_id": run.pool.id, "reference_id": run.ref.id if run.ref else None, **run.settings.train_params(),
+            "probe": run.settings.probe, "threshold": run.settings.threshold, "neighbors": run.settings.neighbors,
+            "list_block": run.settings.list_block, "assign_block": run.settings.assign_block}
+    for key, value in ours.items():
+        if key in done.params and done.params[key] != value:
+            raise InputError(f"{path}: made with {key}={done.params[key]!r}, this step was given {value!r}; give "
+                             "every step the same --query, --reference and settings")
+    return done
 
 
 def train(run: Run) -> Path | None:
@@ -182,11 +190,11 @@ def assign(run: Run) -> Path | None:
 
 
 def search(run: Run) -> Path | None:
+    _done(run, "train")
     assigned = _done(run, "assign")
-    lists = int(_done(run, "train").totals["rows"])
-    settings = replace(run.settings, lists=lists, list_block=int(assigned.params["list_block"]))
-    params = {"assign_id": assigned.id, **settings.search_params()}
+    params = {"assign_id": assigned.id, **run.settings.search_params()}
     store = _store(run, "search", params)
+    settings = run.settings
     reader = {}
 
     def write(index: int, tmp: Path):
@@ -198,6 +206,7 @@ def search(run: Run) -> Path | None:
 
 
 def group(run: Run) -> Path | None:
+    _done(run, "train")
     searched, assigned = _done(run, "search"), _done(run, "assign")
     params = {"threshold": run.settings.threshold, "neighbors": run.settings.neighbors, "metric": "cosine",
               "index": "ivf", "method": "ivf", **run.settings.train_params(), "probe": run.settings.probe,
