@@ -126,11 +126,15 @@ def test_three_tasks_per_step_give_the_bytes_of_one(planted, tmp_path):
         assert mf.load(tmp_path / "t3" / sub).id == mf.load(out / "clean" / sub).id
 
 
-def test_assign_parts_of_several_logits_parts_give_the_same_pairs_and_exclusion(planted, tmp_path):
+@pytest.mark.parametrize("setting, assign_parts", [({"assign_block": 2}, 2), ({"quantizer": "hnsw"}, 3)],
+                         ids=["assign_block", "hnsw"])
+def test_assign_blocks_and_the_hnsw_quantizer_give_the_same_pairs_and_exclusion(planted, setting, assign_parts,
+                                                                                 tmp_path):
     out, query, reference, _ = planted
-    manifest = dedup_ivf(query, tmp_path / "b2", reference=reference, assign_block=2, **IVF)
-    assert _rows(tmp_path / "b2") == EXPECTED and _pairs(tmp_path / "b2") == _pairs(out / "clean")
-    assert len(mf.load(tmp_path / "b2/_ivf/assign").files) == 2 and mf.load(manifest).params["assign_block"] == 2
+    manifest = dedup_ivf(query, tmp_path / "b", reference=reference, **IVF, **setting)
+    assert _rows(tmp_path / "b") == EXPECTED and _pairs(tmp_path / "b") == _pairs(out / "clean")
+    assert len(mf.load(tmp_path / "b/_ivf/assign").files) == assign_parts
+    assert all(mf.load(manifest).params[k] == v for k, v in setting.items())
 
 
 # part.begin / part.published arrivals in `--step all`: train 1, assign 3, search 3, group 1; pq.write_table calls:

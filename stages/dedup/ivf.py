@@ -69,7 +69,7 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
               lists: int = DedupOptions.lists, probe: int = DedupOptions.probe,
               train_sample: int = DedupOptions.train_sample, seed: int = DedupOptions.seed,
               list_block: int = DedupOptions.list_block, assign_block: int = DedupOptions.assign_block,
-              task_index: int = 0, num_tasks: int = 1,
+              quantizer: str = DedupOptions.quantizer, task_index: int = 0, num_tasks: int = 1,
               finalize_only: bool = False, do_finalize: bool = True, retry_failed: bool = False,
               max_attempts: int = 3) -> Path | None:
     """Run ``step`` (or every step, in one task) of the sharded near-duplicate search of ``query``.
@@ -77,7 +77,7 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     Args:
         query, out, reference, threshold, neighbors, batch_rows: as ``stages.dedup.stage.dedup``.
         step: ``train``, ``assign``, ``search``, ``group`` or ``all`` (all steps in order; one task only).
-        lists, probe, train_sample, seed, list_block, assign_block: see ``DedupOptions``.
+        lists, probe, train_sample, seed, list_block, assign_block, quantizer: see ``DedupOptions``.
         task_index, num_tasks: this array task; it runs its block (``plan_block``) of the step's parts.
         finalize_only: only write the step's manifest (every part committed).
         do_finalize: write the step's manifest when every part is committed.
@@ -88,7 +88,7 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     """
     settings = ivf_compute.Settings(threshold=threshold, neighbors=neighbors, batch_rows=batch_rows, lists=lists,
                                     probe=probe, train_sample=train_sample, seed=seed, list_block=list_block,
-                                    assign_block=assign_block)
+                                    assign_block=assign_block, quantizer=quantizer)
     settings.check()
     if step == "all" and num_tasks > 1:
         raise InputError(f"--step all runs every step in one task, not {num_tasks}: give --step "
@@ -155,7 +155,8 @@ def _done(run: Run, name: str) -> mf.Manifest:
     done = mf.load(path, kind=STEP_KIND)
     ours = {"query_id": run.pool.id, "reference_id": run.ref.id if run.ref else None, **run.settings.train_params(),
             "probe": run.settings.probe, "threshold": run.settings.threshold, "neighbors": run.settings.neighbors,
-            "list_block": run.settings.list_block, "assign_block": run.settings.assign_block}
+            "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
+            "quantizer": run.settings.quantizer}
     for key, value in ours.items():
         if key in done.params and done.params[key] != value:
             raise InputError(f"{path}: made with {key}={done.params[key]!r}, this step was given {value!r}; give "
@@ -175,7 +176,7 @@ def assign(run: Run) -> Path | None:
     trained = _done(run, "train")
     params = {"train_id": trained.id, "probe": run.settings.probe, "threshold": run.settings.threshold,
               "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
-              "reference_id": run.ref.id if run.ref else None}
+              "quantizer": run.settings.quantizer, "reference_id": run.ref.id if run.ref else None}
     store = _store(run, "assign", params)
     state = {}
 
@@ -211,7 +212,7 @@ def group(run: Run) -> Path | None:
     params = {"threshold": run.settings.threshold, "neighbors": run.settings.neighbors, "metric": "cosine",
               "index": "ivf", "method": "ivf", **run.settings.train_params(), "probe": run.settings.probe,
               "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
-              "query_id": run.pool.id,
+              "quantizer": run.settings.quantizer, "query_id": run.pool.id,
               "reference_id": run.ref.id if run.ref else None, "teacher_id": run.pool.teacher_id}
     store = _store(run, "group", params)
     write = lambda index, tmp: ivf_group.group_part(searched, assigned, run.settings, tmp)

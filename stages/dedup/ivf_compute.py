@@ -34,6 +34,7 @@ from stages.dedup.core import flat_index, load_embeddings, unit, unit_rows
 
 log = logging.getLogger(__name__)
 NITER = 20
+HNSW_M = 32
 _GPU: list = []  # one faiss GPU resource per process, made on first use
 
 
@@ -50,6 +51,7 @@ class Settings:
     seed: int
     list_block: int
     assign_block: int = 1
+    quantizer: str = "flat"
 
     def check(self) -> None:
         for name in ("neighbors", "batch_rows", "lists", "probe", "train_sample", "list_block", "assign_block"):
@@ -149,11 +151,27 @@ def assign_state(trained: mf.Manifest, ref: LogitsSet | None, settings: Settings
     table = read_parquet(trained.file_path(trained.files[0]), what="dedup train part")
     dim = table.schema.field("centroid").type.list_size
     centroids = np.ascontiguousarray(table.column("centroid").combine_chunks().values.to_numpy().reshape(-1, dim))
-    state = {"centroids": flat_index(centroids), "ref": None, "ref_keys": None}
+    state = {"centroids": centroid_index(centroids, settings), "ref": None, "ref_keys": None}
     if ref is not None:
         state["ref_keys"], ref_matrix = load_embeddings(ref, settings.batch_rows)
         state["ref"] = flat_index(ref_matrix)
     return state
+
+
+def centroid_index(centroids: np.ndarray, settings: Settings):
+    """The coarse quantizer's index: exact (``flat``, GPU when there is one) or an HNSW graph (``hnsw``: ~log(lists)
+    per image instead of lists; built with one thread, so every task builds the same graph)."""
+    if settings.quantizer == "flat":
+        return flat_index(centroids)
+    index = faiss.IndexHNSWFlat(centroids.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = max(64, 4 * settings.probe)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.add(centroids)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return index
 
 
 def _search(index, matrix: np.ndarray, k: int, batch_rows: int) -> tuple[np.ndarray, np.ndarray]:

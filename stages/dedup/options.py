@@ -9,6 +9,7 @@ from pipeline.options import option
 
 METHODS = ("flat", "ivf")
 STEPS = ("all", "train", "assign", "search", "group")
+QUANTIZERS = ("flat", "hnsw")
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,6 @@ class DedupOptions:
                                  "N/lists x probe rows); aim at ~10^3 search parts at scale")
     assign_block: int = option(1, "ivf: logits parts per assign part; a search part reads one row group per "
                                   "assign part, so keep (assign parts x search parts) below ~10^7")
+    quantizer: str = option("flat", "ivf: how an image finds its nearest lists: flat (exact; N x lists x D, GPU) or "
+                                    "hnsw (a graph over the centroids, ~N log lists; for lists >= ~10^5)",
+                            choices=QUANTIZERS)
