@@ -215,6 +215,29 @@ def slope(rows: list[dict]) -> float:
     return float(np.polyfit(n, t, 1)[0])
 
 
+def quantizers(lists: int, dim: int, probe: int, queries: int = 2000) -> None:
+    """Assign-step rate of the two coarse quantizers over ``lists`` random unit centroids: images/s, and how often
+    an image's true nearest list is among the HNSW graph's ``probe`` lists."""
+    from stages.dedup.ivf_compute import Settings, centroid_index
+
+    rng = np.random.default_rng(0)
+    cents, x = unit(rng.standard_normal((lists, dim), np.float32)), unit(rng.standard_normal((queries, dim), np.float32))
+    x = unit(cents[rng.integers(0, lists, queries)] + 0.7 * x / np.sqrt(dim) * 8)  # images near some centroid
+    base = dict(threshold=0.95, neighbors=32, batch_rows=16384, lists=lists, probe=probe, train_sample=lists, seed=0,
+                list_block=64)
+    found = {}
+    for kind in ("flat", "hnsw"):
+        start = time.perf_counter()
+        index = centroid_index(cents, Settings(**base, quantizer=kind))
+        built = time.perf_counter() - start
+        start = time.perf_counter()
+        found[kind] = index.search(x, probe)[1]
+        rate = queries / (time.perf_counter() - start)
+        print(f"quantizer {kind}: lists {lists}, build {built:.1f} s, {rate:.0f} images/s (1 thread)")
+    hit = (found["hnsw"] == found["flat"][:, :1]).any(axis=1).mean()
+    print(f"hnsw: the exact nearest list is among its {probe} lists for {hit:.4f} of the images")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -232,7 +255,10 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="append each size's row here (JSON lines)")
     p.add_argument("--report", type=Path, nargs="+", default=None,
                    help="only print the table and slope of the rows in these JSON-lines files (runs combined)")
+    p.add_argument("--quantizers", type=int, default=0, help="only compare flat vs hnsw assignment at this many lists")
     opts = p.parse_args()
+    if opts.quantizers:
+        return quantizers(opts.quantizers, opts.dim, opts.probe)
     if opts.report:
         rows = sorted((json.loads(line) for f in opts.report for line in f.read_text().splitlines() if line),
                       key=lambda r: r["N"])
