@@ -25,7 +25,7 @@ faiss on the GPU(s) when ``faiss.get_num_gpus() > 0`` (same results on CPU withi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline import manifest as mf
@@ -99,8 +99,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     run = Run(pool, ref, Path(out), settings, task_index, num_tasks, finalize_only, do_finalize, retry_failed,
               max_attempts)
     result = None
-    for name in ORDER if step == "all" else (step,):
-        result = STEPS[name](run)
+    for name in ORDER if step == "all" else (step,):  # with `all`, the steps before group always finalize
+        result = STEPS[name](run if step != "all" or name == "group" else replace(run, do_finalize=True))
     return result if step in ("all", "group") else None
 
 
