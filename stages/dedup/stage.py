@@ -10,11 +10,12 @@ in float32 here), so cosine similarity is the inner product. Two findings, one r
   contaminated is kept and the others are excluded, ``matched_key`` being the kept key and
   ``similarity`` their cosine to it (in a chain it can be below the threshold).
 
-Scaling: exact flat inner-product indexes (GPU when ``faiss.get_num_gpus() > 0``). Queries are searched in
-batches of ``batch_rows``, so search buffers are bounded by the batch; the indexes hold the reference
-(N_ref x D float32) and, for the near-duplicate search, the query set (N_query x D float32); search
-time grows as N_query x (N_ref + N_query) x D. For a pool far beyond memory, shard the query by task
-and swap the query index for an IVF/PQ one; the output format stays.
+Scaling (``method="flat"``, the default and the reference): exact flat inner-product indexes (GPU when
+``faiss.get_num_gpus() > 0``). Queries are searched in batches of ``batch_rows``, so search buffers are bounded by
+the batch; the indexes hold the reference (N_ref x D float32) and, for the near-duplicate search, the query set
+(N_query x D float32); search time grows as N_query x (N_ref + N_query) x D. ``method="ivf"`` is the sharded
+path for pools far beyond one process (``stages.dedup.ivf``: array-task steps, memory bounded by a block, the
+same artifact); docs/dedup.md compares the two.
 """
 
 from __future__ import annotations
@@ -22,10 +23,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import manifest as mf
 from pipeline.errors import InputError
@@ -34,10 +33,11 @@ from pipeline.progress import advance
 from pipeline.tasks import file_entries, finalize, run_parts
 from pipeline.verify import parquet_rows
 from stages.artifacts.exclusion import REASONS
-from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 from stages.artifacts.parquet import write_parquet
 from stages.artifacts.sidecars import with_sidecars
+from stages.dedup.core import check_embeddings, components, flat_index, group_keep, keep_per_component, load_embeddings  # noqa: F401  (components, keep_per_component: re-exported)
+from stages.dedup.ivf import dedup_ivf
 from stages.dedup.options import DedupOptions
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ CODE_VERSION = "dedup-1"
 
 def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = DedupOptions.reference,
           threshold: float = DedupOptions.threshold, neighbors: int = DedupOptions.neighbors,
-          batch_rows: int = DedupOptions.batch_rows) -> Path:
+          batch_rows: int = DedupOptions.batch_rows, method: str = DedupOptions.method, **ivf_options) -> Path | None:
     """Write the exclusion artifact of ``query`` (contaminated by ``reference``, near-duplicates inside).
 
     Args:
@@ -56,15 +56,20 @@ def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = 
         threshold: cosine similarity at or above which two images are the same.
         neighbors: nearest query images examined per query image for near-duplicate links.
         batch_rows: query rows per search batch.
+        method: ``flat`` (exact, one process) or ``ivf`` (sharded steps, ``stages.dedup.ivf.dedup_ivf``).
+        ivf_options: the ``ivf`` method's settings and task flags (see ``dedup_ivf``).
 
     Returns:
-        The exclusion manifest's path.
+        The exclusion manifest's path (None when an ``ivf`` step other than ``group`` ran).
     """
     if not 0.0 < threshold <= 1.0:
         raise InputError(f"--threshold {threshold}: must be a cosine similarity in (0, 1]")
+    if method == "ivf":
+        return dedup_ivf(query, out, reference=reference, threshold=threshold, neighbors=neighbors,
+                         batch_rows=batch_rows, **ivf_options)
     pool = open_logits(query)
     ref = open_logits(reference) if reference else None
-    _check_embeddings(pool, ref)
+    check_embeddings(pool, ref)
     params = {"threshold": threshold, "neighbors": neighbors, "metric": "cosine", "index": "flat",
               "query_id": pool.id, "reference_id": ref.id if ref else None, "teacher_id": pool.teacher_id}
     store = PartStore(Path(out), ".parquet", fingerprint("dedup", params, CODE_VERSION), parquet_rows)
@@ -81,40 +86,6 @@ def dedup(query: str | Path, out: str | Path, *, reference: str | Path | None = 
         totals={"rows": receipts[0]["rows"], "samples": int(pool.manifest.totals.get("rows", 0)),
                 **receipts[0]["extra"]})
     return finalize(store, 1, with_sidecars(Path(out), build))
-
-
-def _check_embeddings(pool: LogitsSet, ref: LogitsSet | None) -> None:
-    for item in [pool] + ([ref] if ref else []):
-        if not item.params.get("embedding_dim"):
-            raise InputError(f"{item.manifest.path}: has no embedding column; rerun `kdpipe logits` with "
-                             "embeddings to dedup it")
-    if ref and (ref.teacher_id, ref.params["embedding_dim"]) != (pool.teacher_id, pool.params["embedding_dim"]):
-        raise InputError(f"{ref.manifest.path}: embeddings of teacher {ref.teacher_id[:12]} (dim "
-                         f"{ref.params['embedding_dim']}) cannot be compared with {pool.manifest.path}'s "
-                         f"(teacher {pool.teacher_id[:12]}, dim {pool.params['embedding_dim']})")
-
-
-def load_embeddings(logits: LogitsSet, batch_rows: int) -> tuple[pa.Array, np.ndarray]:
-    """All keys and unit-norm float32 embeddings of ``logits`` (memory: N x D x 4 bytes)."""
-    dim = int(logits.params["embedding_dim"])
-    keys, vectors = [], []
-    for batch in logits.iter_batches(columns=["key", "embedding"], batch_rows=batch_rows):
-        keys.append(batch.column("key"))
-        vectors.append(fixed_list_to_numpy(batch.column("embedding"), dim).astype(np.float32))
-    matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    matrix /= np.where(norms > 0, norms, 1.0)
-    return pa.chunked_array(keys, pa.string()).combine_chunks(), np.ascontiguousarray(matrix)
-
-
-def flat_index(matrix: np.ndarray):
-    """An exact inner-product faiss index over ``matrix``, on the GPU(s) when faiss sees one."""
-    index = faiss.IndexFlatIP(matrix.shape[1])
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-        log.info("dedup: faiss index on %d GPU(s)", faiss.get_num_gpus())
-    index.add(matrix)
-    return index
 
 
 def _write(tmp: Path, pool: LogitsSet, ref: LogitsSet | None, threshold: float, neighbors: int,
@@ -167,42 +138,6 @@ def near_pairs(matrix: np.ndarray, threshold: float, neighbors: int,
         r, c = np.nonzero(hit)
         found.append((own[r, 0], idx[r, c], sim[r, c]))
     return tuple(np.concatenate(parts) for parts in zip(*found))
-
-
-def components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Connected components of the undirected graph on n nodes with edges (rows, cols): the smallest node
-    index of each node's component (min-label propagation with pointer jumping)."""
-    label = np.arange(n)
-    while True:
-        before = label.copy()
-        low = np.minimum(label[rows], label[cols])
-        np.minimum.at(label, rows, low)
-        np.minimum.at(label, cols, low)
-        label = label[label]
-        if np.array_equal(label, before):
-            return label
-
-
-def group_keep(n: int, rows: np.ndarray, cols: np.ndarray, keys: pa.Array,
-               contaminated: np.ndarray) -> np.ndarray:
-    """For each query row in a near-duplicate group: the row kept for its group (-1 when not grouped).
-
-    The kept row is the group's smallest key that is not contaminated (-1 for a group of only
-    contaminated rows).
-    """
-    kept_of = np.full(n, -1, np.int64)
-    if len(rows) == 0:
-        return kept_of
-    component = components(n, rows, cols)
-    members = np.flatnonzero(np.bincount(component, minlength=n)[component] > 1)
-    order = pc.sort_indices(pa.table({"c": component[members], "x": contaminated[members],
-                                      "k": keys.take(pa.array(members))}),
-                            sort_keys=[("c", "ascending"), ("x", "ascending"), ("k", "ascending")]).to_numpy()
-    members = members[order]
-    first = np.r_[True, component[members][1:] != component[members][:-1]]
-    head = members[np.maximum.accumulate(np.where(first, np.arange(len(members)), 0))]
-    kept_of[members] = np.where(contaminated[head], -1, head)
-    return kept_of
 
 
 def _exclusion_table(keys: pa.Array, matrix: np.ndarray, contaminated: tuple, kept_of: np.ndarray) -> pa.Table:
