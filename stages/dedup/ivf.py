@@ -69,7 +69,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
               lists: int = DedupOptions.lists, probe: int = DedupOptions.probe,
               train_sample: int = DedupOptions.train_sample, seed: int = DedupOptions.seed,
               list_block: int = DedupOptions.list_block, assign_block: int = DedupOptions.assign_block,
-              quantizer: str = DedupOptions.quantizer, task_index: int = 0, num_tasks: int = 1,
+              quantizer: str = DedupOptions.quantizer, pq: int = DedupOptions.pq,
+              pq_margin: float = DedupOptions.pq_margin, task_index: int = 0, num_tasks: int = 1,
               finalize_only: bool = False, do_finalize: bool = True, retry_failed: bool = False,
               max_attempts: int = 3) -> Path | None:
     """Run ``step`` (or every step, in one task) of the sharded near-duplicate search of ``query``.
@@ -77,7 +78,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     Args:
         query, out, reference, threshold, neighbors, batch_rows: as ``stages.dedup.stage.dedup``.
         step: ``train``, ``assign``, ``search``, ``group`` or ``all`` (all steps in order; one task only).
-        lists, probe, train_sample, seed, list_block, assign_block, quantizer: see ``DedupOptions``.
+        lists, probe, train_sample, seed, list_block, assign_block, quantizer, pq, pq_margin: see
+            ``DedupOptions`` (``pq`` > 0: PQ codes in the search step, candidates re-checked exactly).
         task_index, num_tasks: this array task; it runs its block (``plan_block``) of the step's parts.
         finalize_only: only write the step's manifest (every part committed).
         do_finalize: write the step's manifest when every part is committed.
@@ -88,7 +90,7 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     """
     settings = ivf_compute.Settings(threshold=threshold, neighbors=neighbors, batch_rows=batch_rows, lists=lists,
                                     probe=probe, train_sample=train_sample, seed=seed, list_block=list_block,
-                                    assign_block=assign_block, quantizer=quantizer)
+                                    assign_block=assign_block, quantizer=quantizer, pq=pq, pq_margin=pq_margin)
     settings.check()
     if step == "all" and num_tasks > 1:
         raise InputError(f"--step all runs every step in one task, not {num_tasks}: give --step "
@@ -156,7 +158,7 @@ def _done(run: Run, name: str) -> mf.Manifest:
     ours = {"query_id": run.pool.id, "reference_id": run.ref.id if run.ref else None, **run.settings.train_params(),
             "probe": run.settings.probe, "threshold": run.settings.threshold, "neighbors": run.settings.neighbors,
             "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
-            "quantizer": run.settings.quantizer}
+            "quantizer": run.settings.quantizer, **run.settings.search_params()}
     for key, value in ours.items():
         if key in done.params and done.params[key] != value:
             raise InputError(f"{path}: made with {key}={done.params[key]!r}, this step was given {value!r}; give "
@@ -191,16 +193,18 @@ def assign(run: Run) -> Path | None:
 
 
 def search(run: Run) -> Path | None:
-    _done(run, "train")
+    trained = _done(run, "train")
     assigned = _done(run, "assign")
     params = {"assign_id": assigned.id, **run.settings.search_params()}
     store = _store(run, "search", params)
     settings = run.settings
-    reader = {}
+    state = {}
 
     def write(index: int, tmp: Path):
-        reader.setdefault("r", ivf_compute.AssignReader(assigned))
-        return ivf_compute.search_part(reader["r"], index, settings, tmp)
+        if not state:  # loaded once per task, only when a part is to be made
+            state.update(r=ivf_compute.AssignReader(assigned, pq=settings.pq > 0),
+                         pq=ivf_compute.train_quantizer(trained, settings))
+        return ivf_compute.search_part(state["r"], index, settings, tmp, state["pq"], run.pool)
     inputs = [mf.input_ref(assigned, store.out_dir, "ivf_assign")]
     return _run_step(run, "search", store, settings.search_parts(), write,
                      _step_manifest(run, "search", params, inputs))
@@ -212,7 +216,7 @@ def group(run: Run) -> Path | None:
     params = {"threshold": run.settings.threshold, "neighbors": run.settings.neighbors, "metric": "cosine",
               "index": "ivf", "method": "ivf", **run.settings.train_params(), "probe": run.settings.probe,
               "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
-              "quantizer": run.settings.quantizer, "query_id": run.pool.id,
+              "quantizer": run.settings.quantizer, **run.settings.search_params(), "query_id": run.pool.id,
               "reference_id": run.ref.id if run.ref else None, "teacher_id": run.pool.teacher_id}
     store = _store(run, "group", params)
     write = lambda index, tmp: ivf_group.group_part(searched, assigned, run.settings, tmp)
