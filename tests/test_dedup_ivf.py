@@ -302,3 +302,6 @@ def test_pq_bad_settings_are_named_errors(planted, tmp_path):
         dedup_ivf(query, tmp_path / "bad", **{**PQ, "pq": 5})
     with pytest.raises(InputError, match="--pq-margin"):
         dedup_ivf(query, tmp_path / "bad2", **PQ, pq_margin=1.5)
+    dedup_ivf(query, tmp_path / "off", step="train", **IVF)
+    with pytest.raises(InputError, match="made with pq=0, this step was given 8"):
+        dedup_ivf(query, tmp_path / "off", step="assign", **PQ)

@@ -159,9 +159,11 @@ def _done(run: Run, name: str) -> mf.Manifest:
             "probe": run.settings.probe, "threshold": run.settings.threshold, "neighbors": run.settings.neighbors,
             "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
             "quantizer": run.settings.quantizer, **run.settings.search_params()}
+    theirs = {**done.params, "pq": done.params.get("pq", 0)} if name == "train" else done.params  # absent: off
+    ours = {**ours, "pq": run.settings.pq} if name == "train" else ours
     for key, value in ours.items():
-        if key in done.params and done.params[key] != value:
-            raise InputError(f"{path}: made with {key}={done.params[key]!r}, this step was given {value!r}; give "
+        if key in theirs and theirs[key] != value:
+            raise InputError(f"{path}: made with {key}={theirs[key]!r}, this step was given {value!r}; give "
                              "every step the same --query, --reference and settings")
     return done
 
