@@ -305,3 +305,12 @@ def test_pq_bad_settings_are_named_errors(planted, tmp_path):
     dedup_ivf(query, tmp_path / "off", step="train", **IVF)
     with pytest.raises(InputError, match="made with pq=0, this step was given 8"):
         dedup_ivf(query, tmp_path / "off", step="assign", **PQ)
+
+
+def test_pq_from_the_cli_gives_the_bytes_of_the_api(planted, with_pq, tmp_path):
+    _, query, reference, _ = planted
+    folder, _ = with_pq
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in PQ.items()]
+    assert main(["dedup", "--query", str(query), "--reference", str(reference), "--out", str(tmp_path / "cli"),
+                 "--method", "ivf", *flags]) == 0
+    assert part_files(tmp_path / "cli") == part_files(folder)
