@@ -157,14 +157,28 @@ def run_size(n: int, opts, root: Path) -> list[dict]:
     pool = Pool(opts.shard_rows, n // opts.shard_rows, opts.dim, opts.dup_fraction)
     t0 = time.perf_counter()
     query = make_pool(root / f"pool-{n}", pool)
-    rows = [run_ivf(n, pool, query, m, opts, root, {"N": n, "make_s": time.perf_counter() - t0}) for m in opts.pq]
+    made = time.perf_counter() - t0
+    reference = {}  # the planted and sampled exact pairs, computed once per pool
+    rows = [run_ivf(n, pool, query, m, opts, root, {"N": n, "make_s": made}, reference) for m in opts.pq]
     if not opts.keep:
         import shutil
         shutil.rmtree(root / f"pool-{n}", ignore_errors=True)
     return rows
 
 
-def run_ivf(n: int, pool, query: Path, m: int, opts, root: Path, row: dict) -> dict:
+def exact_reference(pool, opts) -> dict:
+    """The planted pairs at or above the threshold, the sampled query rows and their exact pairs."""
+    planted = true_planted(pool, opts.threshold)
+    rng = np.random.default_rng(1)
+    gids = np.array([(s << 32) + r for s in range(pool.shards) for r in range(pool.rows)], np.int64)
+    pair_rows = np.array(sorted({g for p in planted for g in p}), np.int64)
+    queries = np.unique(np.concatenate([rng.choice(gids, opts.sample, replace=False),
+                                        rng.choice(pair_rows, min(opts.sample, len(pair_rows)), replace=False)]))
+    exact, gflops = exact_sample(pool, queries, opts.threshold)
+    return {"planted": planted, "queries": queries, "exact": exact, "gflops": gflops}
+
+
+def run_ivf(n: int, pool, query: Path, m: int, opts, root: Path, row: dict, reference: dict) -> dict:
     lists = max(1, n // opts.rows_per_list)
     out = root / f"ivf-{n}-pq{m}"
     row["pq"] = m
@@ -175,14 +189,10 @@ def run_ivf(n: int, pool, query: Path, m: int, opts, root: Path, row: dict) -> d
         row[step] = child({**settings, "step": step})
         print(f"N={n} pq={m} {step}: {row[step]}", flush=True)
     found = ivf_pairs(out)
-    planted = true_planted(pool, opts.threshold)
+    reference.update(reference or exact_reference(pool, opts))
+    planted, queries, exact = reference["planted"], reference["queries"], reference["exact"]
     row["recall_planted"] = len(planted & found) / max(1, len(planted))
-    rng = np.random.default_rng(1)
-    gids = np.array([(s << 32) + r for s in range(pool.shards) for r in range(pool.rows)], np.int64)
-    pair_rows = np.array(sorted({g for p in planted for g in p}), np.int64)
-    queries = np.unique(np.concatenate([rng.choice(gids, opts.sample, replace=False),
-                                        rng.choice(pair_rows, min(opts.sample, len(pair_rows)), replace=False)]))
-    exact, row["gflops"] = exact_sample(pool, queries, opts.threshold)
+    row["gflops"] = reference["gflops"]
     qset = set(queries.tolist())
     mine = {p for p in found if p[0] in qset or p[1] in qset}
     row["recall_exact"] = len(exact & found) / max(1, len(exact))

@@ -4,7 +4,7 @@
   as the coarse k-means; its centroids are stored as float32 bytes (``pq`` column, first row) in the train part.
 - assign: each row carries its ``pq_code`` (fixed_size_binary[M]) and no embedding.
 - search: a list block is held as codes (M bytes per row instead of 2 D); candidate pairs are the rows whose
-  symmetric (code against code) similarity is at or above ``threshold - pq_margin``; each candidate is then re-checked
+  symmetric (code against code) similarity, the cosine of the decoded vectors, is at or above ``threshold - pq_margin``; each candidate is then re-checked
   exactly on the images' float16 embeddings read back from the logits parts, so a pair is found only when its exact
   cosine is >= threshold (never a false pair; recall depends on the margin).
 """
@@ -62,7 +62,7 @@ class Decoded:
         self.codes, self.quantizer = raw.reshape(len(array), width), quantizer
 
     def __getitem__(self, rows) -> np.ndarray:
-        return self.quantizer.decode(np.ascontiguousarray(self.codes[rows]))
+        return unit(self.quantizer.decode(np.ascontiguousarray(self.codes[rows])))  # cosine: no shrink bias
 
 
 def read_back(pool: LogitsSet, gids: np.ndarray) -> np.ndarray:
