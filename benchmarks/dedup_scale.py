@@ -273,7 +273,7 @@ def main() -> None:
     p.add_argument("--sample", type=int, default=1000)
     p.add_argument("--pq", type=int, nargs="+", default=[0],
                    help="ivf --pq values to run on each pool (0: exact embeddings; the first is the baseline)")
-    p.add_argument("--pq-margin", type=float, default=0.05)
+    p.add_argument("--pq-margin", type=float, default=0.1)
     p.add_argument("--flat-max", type=int, default=100_000)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep each size's pool and step folders")

@@ -269,7 +269,7 @@ def test_pq_finds_the_planted_groups_and_its_pairs_are_a_subset_of_the_exact_one
     names = keys.to_pylist()
     assert _pairs(folder) <= {frozenset((names[r], names[c])) for r, c in zip(rows, cols)}
     params = mf.load(manifest, kind="exclusion").params
-    assert params["pq"] == 8 and params["pq_bits"] == 8 and params["pq_margin"] == 0.05
+    assert params["pq"] == 8 and params["pq_bits"] == 8 and params["pq_margin"] == 0.1
     assigned = pq.read_table(folder / "_ivf/assign/part-000000.parquet")
     assert "embedding" not in assigned.column_names and assigned.schema.field("pq_code").type.byte_width == 8
     np.testing.assert_allclose(pq.read_table(folder / "part-000000.parquet").column("similarity").to_numpy(),

@@ -54,7 +54,7 @@ class Settings:
     assign_block: int = 1
     quantizer: str = "flat"
     pq: int = 0
-    pq_margin: float = 0.05
+    pq_margin: float = 0.1
 
     def check(self) -> None:
         for name in ("neighbors", "batch_rows", "lists", "probe", "train_sample", "list_block", "assign_block"):

@@ -38,5 +38,5 @@ class DedupOptions:
                             choices=QUANTIZERS)
     pq: int = option(0, "ivf: product-quantizer sub-quantizers (8 bits each; must divide D); the search step holds "
                         "M-byte codes instead of 2 D-byte embeddings and re-checks candidates exactly; 0: off")
-    pq_margin: float = option(0.05, "ivf with --pq: candidates are pairs at approximate (code) cosine >= threshold "
+    pq_margin: float = option(0.1, "ivf with --pq: candidates are pairs at approximate (code) cosine >= threshold "
                                     "- margin, then re-checked exactly; larger: higher recall, more re-reads")
