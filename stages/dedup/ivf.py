@@ -36,7 +36,7 @@ from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 from stages.artifacts.sidecars import with_sidecars
-from stages.dedup import ivf_compute, ivf_group
+from stages.dedup import ivf_compute, ivf_group, ivf_pq
 from stages.dedup.core import check_embeddings
 from stages.dedup.options import DedupOptions
 
@@ -205,7 +205,7 @@ def search(run: Run) -> Path | None:
     def write(index: int, tmp: Path):
         if not state:  # loaded once per task, only when a part is to be made
             state.update(r=ivf_compute.AssignReader(assigned, pq=settings.pq > 0),
-                         pq=ivf_compute.train_quantizer(trained, settings))
+                         pq=ivf_pq.from_train_step(trained, settings.pq))
         return ivf_compute.search_part(state["r"], index, settings, tmp, state["pq"], run.pool)
     inputs = [mf.input_ref(assigned, store.out_dir, "ivf_assign")]
     return _run_step(run, "search", store, settings.search_parts(), write,

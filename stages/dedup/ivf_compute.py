@@ -162,28 +162,11 @@ def assign_state(trained: mf.Manifest, ref: LogitsSet | None, settings: Settings
     dim = table.schema.field("centroid").type.list_size
     centroids = np.ascontiguousarray(table.column("centroid").combine_chunks().values.to_numpy().reshape(-1, dim))
     state = {"centroids": centroid_index(centroids, settings), "ref": None, "ref_keys": None,
-             "pq": load_pq(table, settings)}
+             "pq": ivf_pq.from_train_part(table, settings.pq)}
     if ref is not None:
         state["ref_keys"], ref_matrix = load_embeddings(ref, settings.batch_rows)
         state["ref"] = flat_index(ref_matrix)
     return state
-
-
-def load_pq(table: pa.Table, settings: Settings):
-    """The product quantizer of a train part (None without ``--pq``)."""
-    if not settings.pq:
-        return None
-    if "pq" not in table.column_names:
-        raise InputError("dedup train part has no product quantizer; rerun `--step train` with --pq")
-    dim = table.schema.field("centroid").type.list_size
-    return ivf_pq.load_pq(table.column("pq")[0].as_py(), dim, settings.pq)
-
-
-def train_quantizer(trained: mf.Manifest, settings: Settings):
-    """The product quantizer of the finalized train step (None without ``--pq``)."""
-    if not settings.pq:
-        return None
-    return load_pq(read_parquet(trained.file_path(trained.files[0]), what="dedup train part"), settings)
 
 
 def centroid_index(centroids: np.ndarray, settings: Settings):

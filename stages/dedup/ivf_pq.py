@@ -4,9 +4,10 @@
   as the coarse k-means; its centroids are stored as float32 bytes (``pq`` column, first row) in the train part.
 - assign: each row carries its ``pq_code`` (fixed_size_binary[M]) and no embedding.
 - search: a list block is held as codes (M bytes per row instead of 2 D); candidate pairs are the rows whose
-  symmetric (code against code) similarity, the cosine of the decoded vectors, is at or above ``threshold - pq_margin``; each candidate is then re-checked
-  exactly on the images' float16 embeddings read back from the logits parts, so a pair is found only when its exact
-  cosine is >= threshold (never a false pair; recall depends on the margin).
+  symmetric (code against code) similarity, the cosine of the decoded vectors, is at or above
+  ``threshold - pq_margin``; each candidate is then re-checked exactly on the images' float16 embeddings read
+  back from the logits parts, so a pair is found only when its exact cosine is >= threshold (never a false pair;
+  recall depends on M and the margin).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline import manifest as mf
 from pipeline.errors import InputError
 from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet
+from stages.artifacts.parquet import read_parquet
 from stages.dedup.core import unit
 
 BITS = 8
@@ -43,6 +46,22 @@ def load_pq(blob: bytes, dim: int, m: int):
     quantizer = faiss.ProductQuantizer(dim, m, BITS)
     faiss.copy_array_to_vector(np.frombuffer(blob, np.float32).copy(), quantizer.centroids)
     return quantizer
+
+
+def from_train_part(table: pa.Table, m: int):
+    """The product quantizer of a train part's table (None when ``m`` is 0: ``--pq`` off)."""
+    if not m:
+        return None
+    if "pq" not in table.column_names:
+        raise InputError("dedup train part has no product quantizer; rerun `--step train` with --pq")
+    return load_pq(table.column("pq")[0].as_py(), table.schema.field("centroid").type.list_size, m)
+
+
+def from_train_step(trained: mf.Manifest, m: int):
+    """The product quantizer of the finalized train step (None when ``m`` is 0)."""
+    if not m:
+        return None
+    return from_train_part(read_parquet(trained.file_path(trained.files[0]), what="dedup train part"), m)
 
 
 def code_column(quantizer, matrix: np.ndarray) -> pa.FixedSizeBinaryArray:
