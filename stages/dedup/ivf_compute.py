@@ -229,7 +229,7 @@ def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tm
     rows = pa.table({
         "list": pa.array(flat_lists[order]), "gid": pa.array(gid[order]), "primary": pa.array(primary),
         "key": keys.take(take),
-        **({"pq_code": ivf_pq.code_column(state["pq"], matrix[row[order]])} if state["pq"] is not None
+        **({"pq_code": ivf_pq.code_column(state["pq"], matrix, row[order])} if state["pq"] is not None
            else {"embedding": to_binary(stored[row[order]])}),
         "ref_key": pc.if_else(pa.array(primary), ref_key.take(take), pa.nulls(len(order), pa.string())),
         "ref_sim": pc.if_else(pa.array(primary), ref_sim.take(take), pa.nulls(len(order), pa.float32())),

@@ -64,9 +64,9 @@ def from_train_step(trained: mf.Manifest, m: int):
     return from_train_part(read_parquet(trained.file_path(trained.files[0]), what="dedup train part"), m)
 
 
-def code_column(quantizer, matrix: np.ndarray) -> pa.FixedSizeBinaryArray:
-    """Each row's PQ code as fixed_size_binary[M]."""
-    codes = quantizer.compute_codes(np.ascontiguousarray(matrix, np.float32))
+def code_column(quantizer, matrix: np.ndarray, rows: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """The PQ codes of ``matrix[rows]`` as fixed_size_binary[M] (each image encoded once, not once per copy)."""
+    codes = quantizer.compute_codes(np.ascontiguousarray(matrix, np.float32))[rows]
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), len(codes),
                                                 [None, pa.py_buffer(np.ascontiguousarray(codes).tobytes())])
 
