@@ -16,6 +16,8 @@ of rows of shard s-1 (pairs across parts). Then, each in a fresh subprocess (its
 Reported: recall of the planted pairs (those at cosine >= threshold) and of the exact pairs of the sample, the
 precision against exact (IVF pairs of sampled rows that are exact pairs), the time slope (log-log fit), and the
 throughput (GFLOP/s) of the brute-force reference here. Prints a markdown table.
+With ``--pq 0 64``: each pool is also run with ``--pq 64`` (PQ codes in the search step, exact re-check), the
+``--pq 0`` row its baseline in the same process.
 Usage: ``nice python benchmarks/dedup_scale.py --sizes 100000 1000000 [--out DIR]``; OMP_NUM_THREADS=1.
 """
 
@@ -42,7 +44,8 @@ start = time.perf_counter()
 if args["what"] == "ivf":
     from stages.dedup.ivf import dedup_ivf
     dedup_ivf(args["query"], args["out"], step=args["step"], lists=args["lists"], probe=args["probe"],
-              train_sample=args["train_sample"], list_block=args["list_block"], threshold=args["threshold"])
+              train_sample=args["train_sample"], list_block=args["list_block"], threshold=args["threshold"],
+              pq=args["pq"], pq_margin=args["pq_margin"])
 else:
     from stages.artifacts.logits_reader import open_logits
     from stages.dedup.core import load_embeddings
@@ -149,48 +152,67 @@ def true_planted(pool: Pool, threshold: float) -> set:
     return keep
 
 
-def run_size(n: int, opts, root: Path) -> dict:
+def run_size(n: int, opts, root: Path) -> list[dict]:
+    """One row per ``--pq`` value, all on the same pool (the first value's row is the baseline of the others)."""
     pool = Pool(opts.shard_rows, n // opts.shard_rows, opts.dim, opts.dup_fraction)
     t0 = time.perf_counter()
     query = make_pool(root / f"pool-{n}", pool)
-    row = {"N": n, "make_s": time.perf_counter() - t0}
-    lists = max(1, n // opts.rows_per_list)
-    settings = {"what": "ivf", "query": str(query), "out": str(root / f"ivf-{n}"), "lists": lists,
-                "probe": opts.probe, "train_sample": 40 * lists, "list_block": opts.list_block,
-                "threshold": opts.threshold}
-    for step in ("train", "assign", "search", "group"):
-        row[step] = child({**settings, "step": step})
-        print(f"N={n} {step}: {row[step]}", flush=True)
-    found = ivf_pairs(root / f"ivf-{n}")
+    made = time.perf_counter() - t0
+    reference = {}  # the planted and sampled exact pairs, computed once per pool
+    rows = [run_ivf(n, pool, query, m, opts, root, {"N": n, "make_s": made}, reference) for m in opts.pq]
+    if not opts.keep:
+        import shutil
+        shutil.rmtree(root / f"pool-{n}", ignore_errors=True)
+    return rows
+
+
+def exact_reference(pool, opts) -> dict:
+    """The planted pairs at or above the threshold, the sampled query rows and their exact pairs."""
     planted = true_planted(pool, opts.threshold)
-    row["recall_planted"] = len(planted & found) / max(1, len(planted))
     rng = np.random.default_rng(1)
     gids = np.array([(s << 32) + r for s in range(pool.shards) for r in range(pool.rows)], np.int64)
     pair_rows = np.array(sorted({g for p in planted for g in p}), np.int64)
     queries = np.unique(np.concatenate([rng.choice(gids, opts.sample, replace=False),
                                         rng.choice(pair_rows, min(opts.sample, len(pair_rows)), replace=False)]))
-    exact, row["gflops"] = exact_sample(pool, queries, opts.threshold)
+    exact, gflops = exact_sample(pool, queries, opts.threshold)
+    return {"planted": planted, "queries": queries, "exact": exact, "gflops": gflops}
+
+
+def run_ivf(n: int, pool, query: Path, m: int, opts, root: Path, row: dict, reference: dict) -> dict:
+    lists = max(1, n // opts.rows_per_list)
+    out = root / f"ivf-{n}-pq{m}"
+    row["pq"] = m
+    settings = {"what": "ivf", "query": str(query), "out": str(out), "lists": lists,
+                "probe": opts.probe, "train_sample": 40 * lists, "list_block": opts.list_block,
+                "threshold": opts.threshold, "pq": m, "pq_margin": opts.pq_margin}
+    for step in ("train", "assign", "search", "group"):
+        row[step] = child({**settings, "step": step})
+        print(f"N={n} pq={m} {step}: {row[step]}", flush=True)
+    found = ivf_pairs(out)
+    reference.update(reference or exact_reference(pool, opts))
+    planted, queries, exact = reference["planted"], reference["queries"], reference["exact"]
+    row["recall_planted"] = len(planted & found) / max(1, len(planted))
+    row["gflops"] = reference["gflops"]
     qset = set(queries.tolist())
     mine = {p for p in found if p[0] in qset or p[1] in qset}
     row["recall_exact"] = len(exact & found) / max(1, len(exact))
     row["precision_exact"] = len(mine & exact) / max(1, len(mine))
     row["exact_pairs_sampled"] = len(exact)
-    if n <= opts.flat_max:
+    if n <= opts.flat_max and m == opts.pq[0]:
         row["flat"] = child({"what": "flat", "query": str(query), "threshold": opts.threshold,
                              "pairs": str(root / f"flat-{n}.json")})
     print(json.dumps(row), flush=True)
     if not opts.keep:  # the assign parts hold N x probe embeddings: free the disk before the next size
         import shutil
-        shutil.rmtree(root / f"ivf-{n}", ignore_errors=True)
-        shutil.rmtree(root / f"pool-{n}", ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     return row
 
 
 def table(rows: list[dict], dim: int) -> str:
     measured = [r for r in rows if "flat" in r]
     base = measured[-1] if measured else None
-    lines = ["| N | flat s | flat peak RSS | ivf s (train / assign / search / group) | ivf peak RSS (max step) | "
-             "recall planted | recall exact (sample) | precision vs exact |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | pq | flat s | flat peak RSS | ivf s (train / assign / search / group) | ivf peak RSS (max step) | "
+             "recall planted | recall exact (sample) | precision vs exact |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         steps = [r[s]["seconds"] for s in ("train", "assign", "search", "group")]
         peak = max(r[s]["peak"] for s in ("train", "assign", "search", "group"))
@@ -201,7 +223,7 @@ def table(rows: list[dict], dim: int) -> str:
             flat_m = f"~{2 * r['N'] * dim * 4 / 2**20:.0f} MiB (2 x N x D x 4 B)"
         else:
             flat_s = flat_m = "-"
-        lines.append(f"| {r['N']:.0e} | {flat_s} | {flat_m} | {sum(steps):.1f} ({' / '.join(f'{s:.1f}' for s in steps)})"
+        lines.append(f"| {r['N']:.0e} | {r.get('pq', 0) or '-'} | {flat_s} | {flat_m} | {sum(steps):.1f} ({' / '.join(f'{s:.1f}' for s in steps)})"
                      f" | {peak / 2**20:.0f} MiB | {r['recall_planted']:.4f} | {r['recall_exact']:.4f} "
                      f"({r['exact_pairs_sampled']} pairs) | {r['precision_exact']:.4f} |")
     return "\n".join(lines)
@@ -249,6 +271,9 @@ def main() -> None:
     p.add_argument("--list-block", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.95)
     p.add_argument("--sample", type=int, default=1000)
+    p.add_argument("--pq", type=int, nargs="+", default=[0],
+                   help="ivf --pq values to run on each pool (0: exact embeddings; the first is the baseline)")
+    p.add_argument("--pq-margin", type=float, default=0.1)
     p.add_argument("--flat-max", type=int, default=100_000)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep each size's pool and step folders")
@@ -266,10 +291,11 @@ def main() -> None:
     root = opts.out or Path(tempfile.mkdtemp(prefix="dedup-scale-"))
     rows = []
     for n in opts.sizes:
-        rows.append(run_size(n, opts, root))
-        if opts.json:
-            with open(opts.json, "a") as fh:
-                fh.write(json.dumps(rows[-1]) + "\n")
+        for row in run_size(n, opts, root):
+            rows.append(row)
+            if opts.json:
+                with open(opts.json, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
     report(rows, opts.dim)
 
 

@@ -261,3 +261,69 @@ def test_the_steps_as_slurm_array_jobs_give_the_local_artifact(slurm_cluster, pl
     assert array_states(ids["dd_search:tasks"]) == ["COMPLETED"] * 3
     assert part_files(tmp_path / "run/dd") == part_files(out / "clean")
     assert mf.load(tmp_path / "run/dd").id == mf.load(clean).id
+
+
+PQ = {**IVF, "pq": 8}
+
+
+@pytest.fixture(scope="module")
+def with_pq(planted, tmp_path_factory):
+    out, query, reference, _ = planted
+    folder = tmp_path_factory.mktemp("pq") / "pq"
+    return folder, dedup_ivf(query, folder, reference=reference, **PQ)
+
+
+def test_pq_finds_the_planted_groups_and_its_pairs_are_a_subset_of_the_exact_ones(planted, with_pq):
+    out, query, _, _ = planted
+    folder, manifest = with_pq
+    assert _rows(folder) == EXPECTED and _pairs(folder) == _pairs(out / "clean")
+    keys, matrix = load_embeddings(open_logits(query), 64)
+    rows, cols, _ = near_pairs(matrix, 0.95, 32, 64)
+    names = keys.to_pylist()
+    assert _pairs(folder) <= {frozenset((names[r], names[c])) for r, c in zip(rows, cols)}
+    params = mf.load(manifest, kind="exclusion").params
+    assert params["pq"] == 8 and params["pq_bits"] == 8 and params["pq_margin"] == 0.1
+    assigned = pq.read_table(folder / "_ivf/assign/part-000000.parquet")
+    assert "embedding" not in assigned.column_names and assigned.schema.field("pq_code").type.byte_width == 8
+    np.testing.assert_allclose(pq.read_table(folder / "part-000000.parquet").column("similarity").to_numpy(),
+                               pq.read_table(out / "clean/part-000000.parquet").column("similarity").to_numpy(),
+                               atol=1e-6)
+
+
+def test_pq_with_no_margin_never_gives_a_false_pair(planted, tmp_path):
+    out, query, reference, _ = planted
+    dedup_ivf(query, tmp_path / "m0", reference=reference, **PQ, pq_margin=0.0, threshold=0.9)
+    sims = np.concatenate([pq.read_table(p, columns=["sim"]).column("sim").to_numpy()
+                           for p in sorted((tmp_path / "m0/_ivf/search").glob("part-*.parquet"))])
+    assert (sims >= 0.9).all()
+
+
+def test_pq_three_tasks_per_step_give_the_bytes_of_one(planted, with_pq, tmp_path):
+    _, query, reference, _ = planted
+    folder, _ = with_pq
+    for step in ("train", "assign", "search", "group"):
+        for task in (1, 2, 0):
+            dedup_ivf(query, tmp_path / "t3", reference=reference, step=step, task_index=task, num_tasks=3, **PQ)
+    assert part_files(tmp_path / "t3") == part_files(folder)
+    for sub in ("_ivf/train", "_ivf/assign", "_ivf/search", "."):
+        assert mf.load(tmp_path / "t3" / sub).id == mf.load(folder / sub).id
+
+
+def test_pq_bad_settings_are_named_errors(planted, tmp_path):
+    _, query, _, _ = planted
+    with pytest.raises(InputError, match="--pq 5: must divide the embedding dimension 32"):
+        dedup_ivf(query, tmp_path / "bad", **{**PQ, "pq": 5})
+    with pytest.raises(InputError, match="--pq-margin"):
+        dedup_ivf(query, tmp_path / "bad2", **PQ, pq_margin=1.5)
+    dedup_ivf(query, tmp_path / "off", step="train", **IVF)
+    with pytest.raises(InputError, match="made with pq=0, this step was given 8"):
+        dedup_ivf(query, tmp_path / "off", step="assign", **PQ)
+
+
+def test_pq_from_the_cli_gives_the_bytes_of_the_api(planted, with_pq, tmp_path):
+    _, query, reference, _ = planted
+    folder, _ = with_pq
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in PQ.items()]
+    assert main(["dedup", "--query", str(query), "--reference", str(reference), "--out", str(tmp_path / "cli"),
+                 "--method", "ivf", *flags]) == 0
+    assert part_files(tmp_path / "cli") == part_files(folder)

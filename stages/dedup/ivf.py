@@ -36,7 +36,7 @@ from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
 from stages.artifacts.logits_reader import LogitsSet, open_logits
 from stages.artifacts.sidecars import with_sidecars
-from stages.dedup import ivf_compute, ivf_group
+from stages.dedup import ivf_compute, ivf_group, ivf_pq
 from stages.dedup.core import check_embeddings
 from stages.dedup.options import DedupOptions
 
@@ -69,7 +69,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
               lists: int = DedupOptions.lists, probe: int = DedupOptions.probe,
               train_sample: int = DedupOptions.train_sample, seed: int = DedupOptions.seed,
               list_block: int = DedupOptions.list_block, assign_block: int = DedupOptions.assign_block,
-              quantizer: str = DedupOptions.quantizer, task_index: int = 0, num_tasks: int = 1,
+              quantizer: str = DedupOptions.quantizer, pq: int = DedupOptions.pq,
+              pq_margin: float = DedupOptions.pq_margin, task_index: int = 0, num_tasks: int = 1,
               finalize_only: bool = False, do_finalize: bool = True, retry_failed: bool = False,
               max_attempts: int = 3) -> Path | None:
     """Run ``step`` (or every step, in one task) of the sharded near-duplicate search of ``query``.
@@ -77,7 +78,8 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     Args:
         query, out, reference, threshold, neighbors, batch_rows: as ``stages.dedup.stage.dedup``.
         step: ``train``, ``assign``, ``search``, ``group`` or ``all`` (all steps in order; one task only).
-        lists, probe, train_sample, seed, list_block, assign_block, quantizer: see ``DedupOptions``.
+        lists, probe, train_sample, seed, list_block, assign_block, quantizer, pq, pq_margin: see
+            ``DedupOptions`` (``pq`` > 0: PQ codes in the search step, candidates re-checked exactly).
         task_index, num_tasks: this array task; it runs its block (``plan_block``) of the step's parts.
         finalize_only: only write the step's manifest (every part committed).
         do_finalize: write the step's manifest when every part is committed.
@@ -88,7 +90,7 @@ def dedup_ivf(query: str | Path, out: str | Path, *, reference: str | Path | Non
     """
     settings = ivf_compute.Settings(threshold=threshold, neighbors=neighbors, batch_rows=batch_rows, lists=lists,
                                     probe=probe, train_sample=train_sample, seed=seed, list_block=list_block,
-                                    assign_block=assign_block, quantizer=quantizer)
+                                    assign_block=assign_block, quantizer=quantizer, pq=pq, pq_margin=pq_margin)
     settings.check()
     if step == "all" and num_tasks > 1:
         raise InputError(f"--step all runs every step in one task, not {num_tasks}: give --step "
@@ -156,10 +158,12 @@ def _done(run: Run, name: str) -> mf.Manifest:
     ours = {"query_id": run.pool.id, "reference_id": run.ref.id if run.ref else None, **run.settings.train_params(),
             "probe": run.settings.probe, "threshold": run.settings.threshold, "neighbors": run.settings.neighbors,
             "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
-            "quantizer": run.settings.quantizer}
+            "quantizer": run.settings.quantizer, **run.settings.search_params()}
+    theirs = {**done.params, "pq": done.params.get("pq", 0)} if name == "train" else done.params  # absent: off
+    ours = {**ours, "pq": run.settings.pq} if name == "train" else ours
     for key, value in ours.items():
-        if key in done.params and done.params[key] != value:
-            raise InputError(f"{path}: made with {key}={done.params[key]!r}, this step was given {value!r}; give "
+        if key in theirs and theirs[key] != value:
+            raise InputError(f"{path}: made with {key}={theirs[key]!r}, this step was given {value!r}; give "
                              "every step the same --query, --reference and settings")
     return done
 
@@ -191,16 +195,18 @@ def assign(run: Run) -> Path | None:
 
 
 def search(run: Run) -> Path | None:
-    _done(run, "train")
+    trained = _done(run, "train")
     assigned = _done(run, "assign")
     params = {"assign_id": assigned.id, **run.settings.search_params()}
     store = _store(run, "search", params)
     settings = run.settings
-    reader = {}
+    state = {}
 
     def write(index: int, tmp: Path):
-        reader.setdefault("r", ivf_compute.AssignReader(assigned))
-        return ivf_compute.search_part(reader["r"], index, settings, tmp)
+        if not state:  # loaded once per task, only when a part is to be made
+            state.update(r=ivf_compute.AssignReader(assigned, pq=settings.pq > 0),
+                         pq=ivf_pq.from_train_step(trained, settings.pq))
+        return ivf_compute.search_part(state["r"], index, settings, tmp, state["pq"], run.pool)
     inputs = [mf.input_ref(assigned, store.out_dir, "ivf_assign")]
     return _run_step(run, "search", store, settings.search_parts(), write,
                      _step_manifest(run, "search", params, inputs))
@@ -212,7 +218,7 @@ def group(run: Run) -> Path | None:
     params = {"threshold": run.settings.threshold, "neighbors": run.settings.neighbors, "metric": "cosine",
               "index": "ivf", "method": "ivf", **run.settings.train_params(), "probe": run.settings.probe,
               "list_block": run.settings.list_block, "assign_block": run.settings.assign_block,
-              "quantizer": run.settings.quantizer, "query_id": run.pool.id,
+              "quantizer": run.settings.quantizer, **run.settings.search_params(), "query_id": run.pool.id,
               "reference_id": run.ref.id if run.ref else None, "teacher_id": run.pool.teacher_id}
     store = _store(run, "group", params)
     write = lambda index, tmp: ivf_group.group_part(searched, assigned, run.settings, tmp)

@@ -30,6 +30,7 @@ from pipeline.parts import PartResult
 from stages.artifacts.logits_format import fixed_list_to_numpy
 from stages.artifacts.logits_reader import LogitsSet
 from stages.artifacts.parquet import open_parquet, read_parquet
+from stages.dedup import ivf_pq
 from stages.dedup.core import flat_index, load_embeddings, unit, unit_rows
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Settings:
     list_block: int
     assign_block: int = 1
     quantizer: str = "flat"
+    pq: int = 0
+    pq_margin: float = 0.1
 
     def check(self) -> None:
         for name in ("neighbors", "batch_rows", "lists", "probe", "train_sample", "list_block", "assign_block"):
@@ -62,13 +65,17 @@ class Settings:
         if self.train_sample < self.lists:
             raise InputError(f"--train-sample {self.train_sample}: at least --lists ({self.lists}); faiss advises "
                              "39 or more per list")
+        if self.pq < 0 or not 0 <= self.pq_margin < 1:
+            raise InputError(f"--pq {self.pq} --pq-margin {self.pq_margin}: --pq must be >= 0 (0: off) and "
+                             "--pq-margin in [0, 1)")
 
     def train_params(self) -> dict:
         return {"lists": self.lists, "train_sample": self.train_sample, "seed": self.seed, "niter": NITER,
-                "kmeans": "spherical"}
+                "kmeans": "spherical", **({"pq": self.pq, "pq_bits": ivf_pq.BITS} if self.pq else {})}
 
     def search_params(self) -> dict:
-        return {"threshold": self.threshold, "neighbors": self.neighbors, "list_block": self.list_block}
+        return {"threshold": self.threshold, "neighbors": self.neighbors, "list_block": self.list_block,
+                **({"pq_margin": self.pq_margin} if self.pq else {})}
 
     def search_parts(self) -> int:
         return -(-self.lists // self.list_block)
@@ -139,6 +146,9 @@ def train_part(pool: LogitsSet, settings: Settings, tmp: Path) -> PartResult:
     kmeans.train(sample)
     table = pa.table({"list": pa.array(np.arange(settings.lists, dtype=np.int32)),
                       "centroid": _fixed(kmeans.centroids.astype(np.float32), pa.float32())})
+    if settings.pq:  # the product quantizer's centroids as bytes, on the first row
+        blob = ivf_pq.train_pq(sample, settings.pq, settings.seed)
+        table = table.append_column("pq", pa.array([blob] + [None] * (settings.lists - 1), pa.large_binary()))
     pq.write_table(table, tmp, compression="zstd")
     log.info("dedup train: %d centroids from %d embeddings of %d parts", settings.lists, len(sample), len(parts))
     return PartResult(expected_rows=settings.lists, extra={"sample_rows": len(sample), "sample_parts": len(parts)})
@@ -151,7 +161,8 @@ def assign_state(trained: mf.Manifest, ref: LogitsSet | None, settings: Settings
     table = read_parquet(trained.file_path(trained.files[0]), what="dedup train part")
     dim = table.schema.field("centroid").type.list_size
     centroids = np.ascontiguousarray(table.column("centroid").combine_chunks().values.to_numpy().reshape(-1, dim))
-    state = {"centroids": centroid_index(centroids, settings), "ref": None, "ref_keys": None}
+    state = {"centroids": centroid_index(centroids, settings), "ref": None, "ref_keys": None,
+             "pq": ivf_pq.from_train_part(table, settings.pq)}
     if ref is not None:
         state["ref_keys"], ref_matrix = load_embeddings(ref, settings.batch_rows)
         state["ref"] = flat_index(ref_matrix)
@@ -217,7 +228,9 @@ def assign_part(pool: LogitsSet, index: int, state: dict, settings: Settings, tm
     take = pa.array(row[order])
     rows = pa.table({
         "list": pa.array(flat_lists[order]), "gid": pa.array(gid[order]), "primary": pa.array(primary),
-        "key": keys.take(take), "embedding": to_binary(stored[row[order]]),
+        "key": keys.take(take),
+        **({"pq_code": ivf_pq.code_column(state["pq"], matrix, row[order])} if state["pq"] is not None
+           else {"embedding": to_binary(stored[row[order]])}),
         "ref_key": pc.if_else(pa.array(primary), ref_key.take(take), pa.nulls(len(order), pa.string())),
         "ref_sim": pc.if_else(pa.array(primary), ref_sim.take(take), pa.nulls(len(order), pa.float32())),
     })
@@ -248,8 +261,9 @@ class AssignReader:
 
     COLUMNS = ["list", "gid", "primary", "key", "embedding"]
 
-    def __init__(self, assigned: mf.Manifest):
+    def __init__(self, assigned: mf.Manifest, pq: bool = False):
         self.parts, self.schema = [], None
+        self.columns = self.COLUMNS[:-1] + ["pq_code" if pq else "embedding"]
         for entry in assigned.files:
             path = assigned.file_path(entry)
             if path.stat().st_size != entry["bytes"]:
@@ -267,40 +281,52 @@ class AssignReader:
         for path, bounds in self.parts:
             groups = np.flatnonzero((bounds[:, 1] >= low) & (bounds[:, 0] < high)).tolist()
             if groups:
-                table = open_parquet(path, what="dedup assign part").read_row_groups(groups, columns=self.COLUMNS)
+                table = open_parquet(path, what="dedup assign part").read_row_groups(groups, columns=self.columns)
                 keep = pc.and_(pc.greater_equal(table.column("list"), low), pc.less(table.column("list"), high))
                 tables.append(table.filter(keep))
         if not tables:
-            return pa.schema([self.schema.field(name) for name in self.COLUMNS]).empty_table()
+            return pa.schema([self.schema.field(name) for name in self.columns]).empty_table()
         table = pa.concat_tables(tables)
         return table.sort_by([("list", "ascending"), ("gid", "ascending")])
 
 
-def search_part(reader: AssignReader, index: int, settings: Settings, tmp: Path) -> PartResult:
-    """Pairs at cosine >= threshold among the lists of search part ``index``."""
+def search_part(reader: AssignReader, index: int, settings: Settings, tmp: Path, pq=None,
+                pool: LogitsSet | None = None) -> PartResult:
+    """Pairs at cosine >= threshold among the lists of search part ``index`` (with ``pq``: candidates by the codes,
+    re-checked exactly on the embeddings read back from ``pool``)."""
     low = index * settings.list_block
     rows = reader.read(low, min(settings.lists, low + settings.list_block))
-    table = _pair_table(rows, *list_pairs(rows, settings))
+    if pq is None:
+        stored = from_binary(rows.column("embedding")) if rows.num_rows else np.zeros((0, 1), np.float16)
+        table = _pair_table(rows, *list_pairs(rows, settings), lambda idx: stored[idx])
+    else:
+        codes = ivf_pq.Decoded(pq, rows.column("pq_code")) if rows.num_rows else None
+        a, b, _ = list_pairs(rows, settings, codes, settings.threshold - settings.pq_margin)
+        gid = rows.column("gid").to_numpy() if rows.num_rows else np.zeros(0, np.int64)
+        table = _pair_table(rows, *ivf_pq.recheck(pool, gid, a, b, settings.threshold))
     write_step(table, tmp)
     return PartResult(expected_rows=table.num_rows, input={"lists": [low, low + settings.list_block]},
                       extra={"pairs": table.num_rows, "scanned": rows.num_rows})
 
 
-def list_pairs(rows: pa.Table, settings: Settings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row index a, row index b, cosine) within ``rows`` for each list: every row against the list's primaries."""
+def list_pairs(rows: pa.Table, settings: Settings, matrix=None,
+               threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row index a, row index b, cosine) within ``rows`` for each list: every row against the list's primaries
+    (``matrix``: the rows' vectors, by default their unit embeddings; ``threshold``: by default the settings')."""
     if rows.num_rows == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    matrix = unit(from_binary(rows.column("embedding")))
+    matrix = unit(from_binary(rows.column("embedding"))) if matrix is None else matrix
+    threshold = settings.threshold if threshold is None else threshold
     lists = rows.column("list").to_numpy()
     primary = rows.column("primary").to_numpy(zero_copy_only=False)
     gid = rows.column("gid").to_numpy()
     starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]])
     ends = np.r_[starts[1:], len(lists)]
-    found = [_one_list(matrix, gid, primary, s, e, settings) for s, e in zip(starts, ends)]
+    found = [_one_list(matrix, gid, primary, s, e, settings, threshold) for s, e in zip(starts, ends)]
     return tuple(np.concatenate(parts) for parts in zip(*found))
 
 
-def _one_list(matrix, gid, primary, start, end, settings: Settings):
+def _one_list(matrix, gid, primary, start, end, settings: Settings, threshold: float):
     base = np.flatnonzero(primary[start:end]) + start
     empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if len(base) == 0:
@@ -309,7 +335,7 @@ def _one_list(matrix, gid, primary, start, end, settings: Settings):
     out = [empty]
     for first in range(start, end, settings.batch_rows):
         query = np.arange(first, min(end, first + settings.batch_rows))
-        r, c, sim = top_hits(matrix[query], matrix[base], k, settings.threshold)
+        r, c, sim = top_hits(matrix[query], matrix[base], k, threshold)
         own = gid[base][c] != gid[query][r]
         out.append((query[r[own]], base[c[own]], sim[own]))
     return tuple(np.concatenate(parts) for parts in zip(*out))
@@ -338,7 +364,8 @@ def top_hits(query: np.ndarray, base: np.ndarray, k: int, threshold: float):
     return r[keep], c[keep], sim[keep].astype(np.float32)
 
 
-def _pair_table(rows: pa.Table, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -> pa.Table:
+def _pair_table(rows: pa.Table, a: np.ndarray, b: np.ndarray, sim: np.ndarray, stored_of) -> pa.Table:
+    """One row per pair (a < b by row id, first of duplicates); ``stored_of(row indices)``: their float16 rows."""
     gid = rows.column("gid").to_numpy() if rows.num_rows else np.zeros(0, np.int64)
     ga, gb = gid[a], gid[b]
     lo, hi = np.where(ga < gb, a, b), np.where(ga < gb, b, a)
@@ -347,7 +374,6 @@ def _pair_table(rows: pa.Table, a: np.ndarray, b: np.ndarray, sim: np.ndarray) -
     first = np.r_[True, (gid[lo][1:] != gid[lo][:-1]) | (gid[hi][1:] != gid[hi][:-1])] if len(lo) else lo > 0
     lo, hi, sim = lo[first], hi[first], sim[first]
     take_lo, take_hi = pa.array(lo), pa.array(hi)
-    stored = from_binary(rows.column("embedding")) if rows.num_rows else np.zeros((0, 1), np.float16)
     return pa.table({"a": pa.array(gid[lo]), "b": pa.array(gid[hi]), "sim": pa.array(sim, pa.float32()),
                      "key_a": rows.column("key").take(take_lo), "key_b": rows.column("key").take(take_hi),
-                     "emb_a": to_binary(stored[lo]), "emb_b": to_binary(stored[hi])})
+                     "emb_a": to_binary(stored_of(lo)), "emb_b": to_binary(stored_of(hi))})

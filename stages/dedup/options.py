@@ -36,3 +36,7 @@ class DedupOptions:
     quantizer: str = option("flat", "ivf: how an image finds its nearest lists: flat (exact; N x lists x D, GPU) or "
                                     "hnsw (a graph over the centroids, ~N log lists; for lists >= ~10^5)",
                             choices=QUANTIZERS)
+    pq: int = option(0, "ivf: product-quantizer sub-quantizers (8 bits each; must divide D); the search step holds "
+                        "M-byte codes instead of 2 D-byte embeddings and re-checks candidates exactly; 0: off")
+    pq_margin: float = option(0.1, "ivf with --pq: candidates are pairs at approximate (code) cosine >= threshold "
+                                    "- margin, then re-checked exactly; larger: higher recall, more re-reads")

@@ -41,7 +41,8 @@ def run(args) -> int:
     elif opts.step != "all":
         raise InputError(f"--step {opts.step}: steps belong to --method ivf (the flat method is one step)")
     else:
-        for name in ("step", "lists", "probe", "train_sample", "seed", "list_block", "assign_block", "quantizer"):
+        for name in ("step", "lists", "probe", "train_sample", "seed", "list_block", "assign_block", "quantizer", "pq",
+                     "pq_margin"):
             kwargs.pop(name)
     path = dedup(args.query, args.out, **kwargs)
     if path is None:
