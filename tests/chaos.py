@@ -89,6 +89,17 @@ def kill_when(cmd: list[str], path: Path, log: Path | None = None, timeout: floa
 def fork_kill_when(fn, path: Path, timeout: float = 300) -> bool:
     """Run ``fn`` in a forked child (in-process stages, no interpreter start-up) and SIGKILL it as soon as ``path``
     exists; True when it was killed before it finished."""
+    return fork_kill(fn, path.exists, timeout)
+
+
+def fork_kill_after(fn, seconds: float) -> bool:
+    """Run ``fn`` in a forked child and SIGKILL it after ``seconds``; True when the kill landed."""
+    return fork_kill(fn, lambda: False, seconds)
+
+
+def fork_kill(fn, ready, timeout: float) -> bool:
+    """Run ``fn`` in a forked child and SIGKILL it once ``ready()`` or after ``timeout`` seconds, whichever is
+    first; True when it was killed before it finished."""
     pid = os.fork()
     if pid == 0:  # child: never returns into the caller
         code = 0
@@ -98,7 +109,7 @@ def fork_kill_when(fn, path: Path, timeout: float = 300) -> bool:
             code = 3
         os._exit(code)
     deadline = time.monotonic() + timeout
-    while not path.exists() and time.monotonic() < deadline:
+    while not ready() and time.monotonic() < deadline:
         if os.waitpid(pid, os.WNOHANG)[0]:
             return False
         time.sleep(0.005)

@@ -11,9 +11,7 @@ parameters.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -65,26 +63,6 @@ def _run(config: Path) -> list[str]:
     return [o.status for o in run_pipeline(load_config(config))]
 
 
-def _fork_kill_after(fn, seconds: float) -> bool:
-    """Run ``fn`` in a forked child and SIGKILL it after ``seconds``; True when the kill landed."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            fn()
-        except BaseException:  # noqa: BLE001 - any failure is an exit code
-            code = 3
-        os._exit(code)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return False
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    return os.WIFSIGNALED(status)
-
-
 def test_seeded_kills_of_a_whole_run_then_plain_reruns_converge_to_the_clean_run(tmp_path, capsys):
     clean = tmp_path / "clean"
     started = time.monotonic()
@@ -96,7 +74,7 @@ def test_seeded_kills_of_a_whole_run_then_plain_reruns_converge_to_the_clean_run
     for seed in (1, 2):
         out = tmp_path / f"seed{seed}"
         at = random.Random(seed).uniform(0.3, window)
-        killed = _fork_kill_after(lambda: run_pipeline(load_config(_mini(tmp_path, out))), at)
+        killed = chaos.fork_kill_after(lambda: run_pipeline(load_config(_mini(tmp_path, out))), at)
         statuses = _run(_mini(tmp_path, out))  # plain rerun: no flag
         trials.append(chaos.Trial(seed, round(at, 2), killed, 0 if set(statuses) <= {"done", "skipped"} else 1,
                                   chaos.differences(expected, chaos.snapshot(out))))

@@ -25,22 +25,13 @@ from stages.dedup.ivf import dedup_ivf
 from stages.dedup.stage import dedup, near_pairs
 from stages.select.stage import select
 from tests.factories import make_logits, random_shards
+from tests.test_dedup import _near, _unit
 from tests.test_faults import _fork
 from tests.test_reliability_kill import _mid_parquet, assert_folder_sound, part_files
 
-DIM, ROWS = 32, 200
+ROWS = 200
 IVF = {"lists": 8, "probe": 3, "train_sample": 600, "list_block": 3}   # 3 logits parts, 3 search parts
 KEY = "img-{:03d}-{:05d}"
-
-
-def _unit(rng, n):
-    x = rng.normal(size=(n, DIM))
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _near(rng, v, noise=0.02):
-    x = v + noise * rng.normal(size=v.shape) / np.sqrt(DIM)
-    return x / np.linalg.norm(x)
 
 
 @pytest.fixture(scope="module")
