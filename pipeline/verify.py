@@ -58,7 +58,7 @@ def stray_parts(manifest: mf.Manifest) -> list[str]:
         paths = [w for w in map(manifest.file_path, manifest.files) if not isinstance(w, str)]
         listed = {(w if isinstance(w, RemotePath) else Path(w)).resolve() for w in paths}
         kinds = {_part_kind(w.name) for w in paths} - {None}
-        found = sorted((p for p in _listing(manifest.folder) if _part_kind(p.name) in kinds and p.is_file()), key=str)
+        found = sorted((p for p in _files(manifest.folder) if _part_kind(p.name) in kinds), key=str)
     except OSError:  # unreadable folder or entry: the per-file checks name it
         return []
     return [f"{p}: a part file the manifest does not list (another writer's?); delete it, or rerun the stage in "
@@ -71,12 +71,12 @@ def _part_kind(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _listing(folder) -> list:
-    """The entries of a local folder or of a prefix in object storage."""
+def _files(folder) -> list:
+    """The files of a local folder or of a prefix in object storage (one listing call, no request per file)."""
     if isinstance(folder, RemotePath):
-        fs = filesystem(scheme_of(folder.url))
-        return [folder / url.rstrip("/").rsplit("/", 1)[-1] for url in fs.ls(folder.url, detail=False)]
-    return list(folder.iterdir())
+        entries = filesystem(scheme_of(folder.url)).ls(folder.url, detail=True)
+        return [folder / e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"]
+    return [p for p in folder.iterdir() if p.is_file()]
 
 
 def _verify_file(manifest: mf.Manifest, entry: dict, check: ContentCheck | None) -> list[str]:

@@ -4,11 +4,18 @@ The fixture writes a slurm.conf (``AuthType=auth/none``, this host as the only n
 free ports so that it never meets another cluster), starts ``slurmctld`` and ``slurmd`` as root, waits until
 ``sinfo`` shows the node idle, exports ``SLURM_CONF`` for the session, and stops both daemons by their pids at
 the end. It skips, saying why, when the binaries are missing or the tests do not run as root.
+
+Several harnesses run stages in a forked child (kill points, concurrent writers). An OpenMP thread pool does not
+survive fork(): the child of a process that already ran torch or faiss on several threads can hang in its first
+parallel region. A real task is a fresh process (SLURM, ``kdpipe run``), so the suite runs OpenMP on one thread
+(set here, before torch or faiss is imported); a test that needs threads sets them itself.
 """
 
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # see the module docstring: forked harnesses
 import shutil
 import signal
 import socket

@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -136,18 +135,6 @@ KILLS = [("train", "part.published:1"), ("assign", "part.begin:3"), ("assign", "
          ("group", "mid_part_write:5")]
 
 
-@pytest.fixture()
-def one_omp_thread():
-    """The kill points run the stage in a forked child (``_fork``), and an OpenMP thread pool does not survive
-    fork(): the child of a process that already ran faiss on several threads hangs in its first parallel region.
-    A real task is a fresh process (SLURM, ``kdpipe run``), so only this harness needs faiss on one thread."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
-
-
-@pytest.mark.usefixtures("one_omp_thread")
 @pytest.mark.parametrize("step, point", KILLS, ids=[f"{s}-{p.split(':')[0]}" for s, p in KILLS])
 def test_sigkill_in_a_step_then_rerun_gives_the_clean_exclusion(planted, step, point, tmp_path):
     out, query, reference, clean = planted
