@@ -90,11 +90,13 @@ class LogitsSet:
         for index in range(self.num_parts) if parts is None else parts:
             handle, path = self.open_part(index, verify=verify), self.part_path(index)
             wanted, read = _columns(handle.schema_arrow.names, columns)
-            keys = []
+            order = KeyOrder()
             for batch in handle.iter_batches(batch_size=batch_rows, columns=read):
-                keys.append(check_rows(path, batch, self.num_classes, self.topk))
+                order.add(check_rows(path, batch, self.num_classes, self.topk))
                 yield batch.select(wanted)
-            check_unique_keys(path, keys)
+            if not order.ascending:  # keys out of order: every key of the part, read again, hashed once
+                check_unique_keys(path, [check_rows(path, handle.read(columns=_checked_columns(handle)),
+                                                    self.num_classes, self.topk)])
 
     def read_part(self, index: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         """One whole part as a table (a part is bounded by its shard's size), rows checked."""
@@ -165,6 +167,26 @@ def check_unique_keys(path: Path, keys: list[pa.Array]) -> None:
         name = dup[0]["values"].as_py() if len(dup) else None
         raise IntegrityError(f"{path}: key {name!r} appears more than once (or is null); keys are unique within "
                              "a part: recompute it (`kdpipe verify` lists every damaged part)")
+
+
+class KeyOrder:
+    """Whether a part's keys, seen batch by batch, are strictly ascending (so unique): each batch's neighbours and
+    its first key against the last batch's last, no key kept (a part read in key order needs no other check)."""
+
+    def __init__(self):
+        self.ascending, self._last = True, None
+
+    def add(self, keys: pa.Array) -> None:
+        if not self.ascending or len(keys) == 0:
+            return
+        self.ascending = keys.null_count == 0 and _ascending(pa.chunked_array([keys])) and (
+            self._last is None or self._last < keys[0].as_py())
+        self._last = keys[-1].as_py()
+
+
+def _checked_columns(handle: pq.ParquetFile) -> list[str]:
+    """The columns ``check_rows`` reads."""
+    return [c for c in (*_CHECKED, "view") if c in handle.schema_arrow.names]
 
 
 def _ascending(keys: pa.ChunkedArray) -> bool:

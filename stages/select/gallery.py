@@ -23,6 +23,8 @@ from stages.shardio import ShardStats, read_shard
 
 log = logging.getLogger(__name__)
 THUMB = Preprocess(size=64, crop_fraction=1.0)
+GALLERY_DPI = 80
+PAD, TILE, CAPTION, TITLE = 4, 72, 22, 16  # pixels: around a thumbnail, a thumbnail's column, its caption, the title
 
 
 def find_dataset(selection: mf.Manifest, dataset: str | Path | None) -> mf.Manifest | None:
@@ -91,19 +93,20 @@ def _thumbnail(key: str, fields: dict) -> np.ndarray | None:
 
 
 def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
+    """Two rows of thumbnails (top, last admitted) with key and score above each: one mosaic image in one axes
+    (an axes per thumbnail made a 4-image gallery cost ~0.2 s a class, this ~0.02 s)."""
     cols = max(1, max(len(row) for row in panels))
-    fig = new_figure(figsize=(1.4 * cols, 3.4))
-    axes = fig.subplots(2, cols, squeeze=False)
+    mosaic = np.full((2 * (CAPTION + TILE), cols * TILE, 3), 255, np.uint8)
+    fig = new_figure(figsize=(cols * TILE / GALLERY_DPI, (len(mosaic) + TITLE) / GALLERY_DPI))
+    ax = fig.add_axes((0, 0, 1, len(mosaic) / (len(mosaic) + TITLE)))
+    ax.axis("off")
     for r, row in enumerate(panels):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.axis("off")
-            ax.set_xticks([])  # hidden either way; without ticks, layout and drawing skip ~2/3 of the work
-            ax.set_yticks([])
-            if c < len(row):
-                key, score, thumb = row[c]
-                ax.imshow(thumb if thumb is not None else np.zeros((8, 8, 3), np.uint8))
-                ax.set_title(f"{key[-12:]}\n{score:.3f}", fontsize=6)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    return png_bytes(fig, dpi=80)
+        for c, (key, score, thumb) in enumerate(row):
+            top, left = r * (CAPTION + TILE) + CAPTION, c * TILE + PAD
+            if thumb is not None:
+                mosaic[top:top + thumb.shape[0], left:left + thumb.shape[1]] = thumb[:TILE - 2 * PAD, :TILE - 2 * PAD]
+            ax.text(left + (TILE - 2 * PAD) / 2, top - 2, f"{key[-12:]}\n{score:.3f}", fontsize=6, ha="center",
+                    va="bottom")
+    ax.imshow(mosaic, interpolation="nearest")
+    fig.suptitle(title, fontsize=8, y=1 - 2 / (len(mosaic) + TITLE))
+    return png_bytes(fig, dpi=GALLERY_DPI)

@@ -192,7 +192,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
     del fetched
     per_class = {CANDIDATES_META: json.dumps(scorer.candidates.tolist()).encode()}  # O(classes): not in receipts
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **per_class})
-    write_parquet(table, tmp, compression="snappy", row_group=MAP_ROW_GROUP)  # an intermediate: fast to read back
+    write_parquet(table, tmp, compression="lz4", row_group=MAP_ROW_GROUP, indexed=False)  # read back whole, once
     log.info("select map: %d images from logits parts %d..%d, %d candidates kept, %d compactions", images,
              block.start, block.stop - 1, table.num_rows, compactions)
     return PartResult(expected_rows=table.num_rows, input={"logits_parts": [block.start, block.stop]},

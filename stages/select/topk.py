@@ -11,9 +11,13 @@ rows are exactly those of a full sort of all candidates by (label, score desc, k
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+TAKE_SPLIT = 1 << 18  # rows from which ``take_halves`` splits the gather over two threads
 
 
 def composite(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -95,18 +99,24 @@ class ClassTopK:
 class ScoreTopK:
     """Per-class top-K_l by score alone over (label, score, row id) candidates, numpy only (no payload, no keys).
 
-    The same admission thresholds and compaction as ``ClassTopK``, except that every row tied at a full class's
-    K_l-th score is kept: keys, which break those ties, are not at hand. The rows kept are thus a superset of
-    the exact top K_l (the exact ones plus the ties at the boundary); ``exact_rows`` over them, with their
-    payload, gives the exact rows. Memory: buffers of ``cap`` rows at 16 bytes a row, filled in place, and
-    compaction's temporaries (14 bytes a row); O(classes x K) plus the boundary ties (when ties keep the buffer
-    above half of ``cap``, ``cap`` doubles so that compactions stay amortised).
+    Thresholds come from a per-class histogram of the admitted scores (``ScoreBins``): once a class has K_l
+    candidates at or above a bin's lower edge, nothing below that edge can be among its K_l best, so the edge is
+    its admission threshold. The histogram is updated with every ``add`` (no sort), so thresholds rise from the
+    first batches on; the buffer is filtered by them when it exceeds ``cap`` rows. ``result`` trims once to each
+    class's exact K_l-th score, keeping every row tied with it: keys, which break those ties, are not at hand.
+    The rows kept are thus the exact top K_l plus the ties at the boundary; ``exact_rows`` over them, with
+    their payload, gives the exact rows. Memory: buffers of at most ``cap`` rows (sum K_l and a quarter) at 16
+    bytes a row, filled in place, the histogram (classes x ``ScoreBins.count`` x 8 bytes) and the exact trim's
+    temporaries (14 bytes a row): O(classes x K) plus the ties at each class's boundary.
     """
 
     def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None):
         self.quotas = np.asarray(quotas, dtype=np.int64)
         self.thr = np.where(self.quotas > 0, np.float32(floor), np.float32(np.inf)).astype(np.float32)
-        self.cap = cap if cap is not None else max(2 * int(self.quotas.sum()), 65536)
+        total = int(self.quotas.sum())
+        self.slack = max(total, 65536) if cap is None else max(cap // 4, 1)  # the least room after a filter
+        self.cap = total + self.slack if cap is None else cap
+        self.bins = ScoreBins(len(self.quotas))
         self._buffers = (np.empty(0, np.int32), np.empty(0, np.float32), np.empty(0, np.int64))
         self._rows = 0
         self.compactions = 0
@@ -116,6 +126,8 @@ class ScoreTopK:
         keep = scores >= self.thr[labels]
         if not keep.all():
             labels, scores, ids = labels[keep], scores[keep], ids[keep]
+        self.bins.add(labels, scores)
+        self.thr = np.maximum(self.thr, self.bins.thresholds(self.quotas))
         while len(labels):
             room = min(len(labels), self.cap + 1 - self._rows)
             self._reserve(self._rows + room)
@@ -127,35 +139,77 @@ class ScoreTopK:
                 self.compact()
 
     def _reserve(self, rows: int) -> None:
-        if rows > len(self._buffers[0]):  # once, or when ties made ``cap`` grow
-            size = max(rows, self.cap + 1)
+        if rows > len(self._buffers[0]):  # grows geometrically up to ``cap`` (fewer candidates than quotas: less)
+            size = min(self.cap + 1, max(rows, 2 * len(self._buffers[0]), 65536))
             grown = tuple(np.empty(size, b.dtype) for b in self._buffers)
             for old, new in zip(self._buffers, grown):
                 new[:self._rows] = old[:self._rows]
             self._buffers = grown
 
-    def compact(self) -> None:
-        """Drop every row below its full class's K_l-th score and raise the thresholds to it."""
-        labels, scores, ids = (b[:self._rows] for b in self._buffers)
-        self.thr = np.maximum(self.thr, kth_scores(labels, scores, self.quotas))
+    def compact(self, exact: bool = False) -> None:
+        """Drop every row below its class's threshold; when that leaves less than half of ``slack`` free (many
+        scores in one bin) or with ``exact``, raise the thresholds to each full class's exact K_l-th score first.
+        ``cap`` then grows to leave at least ``slack`` free (ties at the boundary), so filtering stays amortised."""
+        self._filter()
+        if exact or self._rows > self.cap - self.slack // 2:
+            labels, scores = self._buffers[0][:self._rows], self._buffers[1][:self._rows]
+            self.thr = np.maximum(self.thr, kth_scores(labels, scores, self.quotas))
+            self._filter()
+        self.cap = max(self.cap, self._rows + self.slack)
+        self.compactions += 1
+
+    def _filter(self) -> None:
+        labels, scores = self._buffers[0][:self._rows], self._buffers[1][:self._rows]
         keep = scores >= self.thr[labels]
         kept = int(keep.sum())
-        for buffer in self._buffers:
-            buffer[:kept] = buffer[:self._rows][keep]
+        if kept < self._rows:
+            for buffer in self._buffers:
+                buffer[:kept] = buffer[:self._rows][keep]
         self._rows = kept
-        self.cap = max(self.cap, 2 * kept)
-        self.compactions += 1
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(labels, scores, ids) of the rows kept, by id ascending: the exact top K_l rows and their ties.
 
         Call it once, at the end: it releases the buffers (the next step needs the memory).
         """
-        self.compact()
+        self.compact(exact=True)
         labels, scores, ids = (b[:self._rows] for b in self._buffers)
         self._buffers, self._rows = tuple(b[:0].copy() for b in self._buffers), 0
+        if len(ids) < 2 or (ids[1:] >= ids[:-1]).all():  # rows arrive in id order, and filtering keeps it
+            return labels.copy(), scores.copy(), ids.copy()
         order = np.argsort(ids, kind="stable")
         return labels[order], scores[order], ids[order]
+
+
+class ScoreBins:
+    """Per-class histogram of scores in [0, 1] on a log scale: bins of 1/16 octave down to 2**-20 (one bin below).
+
+    A score's bin is read off its float32 bits (exponent and top 4 mantissa bits), so binning is one shift.
+    """
+
+    PER_OCTAVE, OCTAVES = 16, 20
+    _SHIFT = 23 - 4  # float32 bits >> _SHIFT: the exponent and the top 4 of 23 mantissa bits (16 bins an octave)
+    _TOP = int(np.float32(1.0).view(np.uint32)) >> _SHIFT  # the bin of 1.0 (a bin of its own)
+    count = PER_OCTAVE * OCTAVES + 1
+
+    def __init__(self, num_classes: int):
+        self.counts = np.zeros((num_classes, self.count), np.int64)
+        bits = (np.arange(self.count, dtype=np.uint32) + np.uint32(self._TOP - self.count + 1)) << self._SHIFT
+        self.floors = bits.view(np.float32).copy()
+        self.floors[0] = 0  # the bottom bin holds everything below 2**-20
+
+    def add(self, labels: np.ndarray, scores: np.ndarray) -> None:
+        """Count ``scores`` (float32 in [0, 1]) in their classes' bins."""
+        bins = (np.ascontiguousarray(scores, np.float32).view(np.int32) >> self._SHIFT) - (self._TOP - self.count + 1)
+        cells = labels.astype(np.int64) * self.count + np.clip(bins, 0, self.count - 1)
+        self.counts.ravel()[:] += np.bincount(cells, minlength=self.counts.size)
+
+    def thresholds(self, quotas: np.ndarray) -> np.ndarray:
+        """Per class, the highest bin floor with at least K_l scores at or above it (-inf where none has)."""
+        above = np.cumsum(self.counts[:, ::-1], axis=1) >= quotas[:, None]  # bins from the top down
+        reached = above[:, -1] & (quotas > 0)
+        first = self.count - 1 - np.argmax(above, axis=1)
+        return np.where(reached, self.floors[first], np.float32(-np.inf)).astype(np.float32)
 
 
 def kth_scores(labels: np.ndarray, scores: np.ndarray, quotas: np.ndarray) -> np.ndarray:
@@ -187,9 +241,20 @@ def exact_rows(labels: np.ndarray, scores: np.ndarray, payload: pa.Table, quotas
     counts = np.bincount(ordered, minlength=len(quotas))
     rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[ordered]
     rows = order[rank < np.asarray(quotas)[ordered]]  # the first K_l of each class in that order
-    table = payload.take(pa.array(rows))
+    table = take_halves(payload, rows)
     table = table.append_column("label", pa.array(labels[rows], pa.int32()))
     return table.append_column("score", pa.array(scores[rows], pa.float32()))
+
+
+def take_halves(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)`` as two takes on two threads (Arrow's gather releases the GIL; a random-order take of
+    millions of keys is bound by memory latency, not by one core); the result has a chunk per half."""
+    if len(rows) < TAKE_SPLIT:
+        return table.take(pa.array(rows))
+    half = len(rows) // 2
+    with ThreadPoolExecutor(2, thread_name_prefix="select-take") as pool:
+        parts = list(pool.map(lambda r: table.take(pa.array(r)), (rows[:half], rows[half:])))
+    return pa.concat_tables(parts)
 
 
 def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray | pa.Array,
