@@ -81,6 +81,15 @@ def test_a_table_out_of_rank_order_gives_the_same_summary():
         summarize(table, params(len(SIZES)), stats(len(SIZES)))
 
 
+def test_a_table_in_several_chunks_gives_the_same_summary():
+    """As read from several selection parts: chunks, and slices with offsets into their buffers."""
+    table = rank_ordered_table(SIZES, np.random.default_rng(7))
+    chunked = pa.concat_tables([table.slice(0, 17), table.slice(17, 100), table.slice(117)])
+    assert chunked.column("score").num_chunks == 3
+    assert summarize(chunked, params(len(SIZES)), stats(len(SIZES))) == \
+        summarize(table, params(len(SIZES)), stats(len(SIZES)))
+
+
 def figure_children(monkeypatch, render, *args) -> list[int]:
     """Render a figure; return the number of artists of each of its axes."""
     shown = []
