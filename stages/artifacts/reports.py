@@ -1,4 +1,5 @@
-"""Report publishing shared by every stage that writes a report: figures, PNG rendering, the report manifest.
+"""Report publishing shared by every stage that writes a report: figures, step series, PNG rendering, the
+report manifest.
 
 matplotlib (about 0.5 s to import) is loaded by ``new_figure`` on the first figure, so a stage that writes no
 plot (or ``kdpipe verify``/``status``, which import this module's neighbours) never pays for it.
@@ -11,11 +12,14 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline import manifest as mf
 from pipeline.atomic import write_atomic
 from pipeline.errors import ManifestError
 
 if TYPE_CHECKING:  # annotations only: matplotlib loads with the first figure
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 
@@ -34,6 +38,19 @@ def png_bytes(fig: Figure, dpi: int = 100) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
     return buffer.getvalue()
+
+
+def step_fill(ax: Axes, edges: np.ndarray, top: np.ndarray, bottom: np.ndarray | float = 0.0, **kwargs):
+    """One filled step series between ``bottom`` and ``top`` (a value per bin of ``edges``), as a single
+    ``fill_between``: ``ax.stairs`` adds a patch whose data limits matplotlib updates segment by segment in
+    Python (about 0.06 s per 1000 bins). NaN values leave a gap."""
+    x, bottom = np.repeat(edges, 2)[1:-1], np.broadcast_to(bottom, np.shape(top))
+    return ax.fill_between(x, np.repeat(bottom, 2), np.repeat(top, 2), linewidth=0, **kwargs)
+
+
+def step_line(ax: Axes, edges: np.ndarray, values: np.ndarray, **kwargs):
+    """One step line through ``values`` (a value per bin of ``edges``), a single ``Line2D``; NaN leaves a gap."""
+    return ax.plot(np.repeat(edges, 2)[1:-1], np.repeat(values, 2), **kwargs)[0]
 
 
 def report_manifest(files: dict[str, bytes], *, stage: str, params: dict, totals: dict, inputs: list[dict]) -> dict:
