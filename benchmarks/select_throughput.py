@@ -1,8 +1,9 @@
 """Benchmark: ``kdpipe select`` (policy topk) against the DuckDB SQL a user would write, same Parquet files.
 
 Writes a synthetic logits artifact (C=1000 classes, top-K=10, N images in parts of ``--part-rows``) per the
-logits contract, then for each N in ``--scales`` runs, each in its own subprocess (so peak RSS is that
-run's alone): ``kdpipe select --per-class 2000 --top-p 5`` and DuckDB (unnest the top-P, window per label
+logits contract, then for each N in ``--scales`` runs, each in its own interpreter, timed from its start to
+its exit (peak RSS is that run's alone, from ``wait4``): ``kdpipe select --per-class 2000 --top-p 5`` as the
+command line runs it (report included), and a Python script of DuckDB SQL (unnest the top-P, window per label
 ordered by score desc and key asc, keep rank < K, ORDER BY and COPY to Parquet). Checks that both give the
 same rows (key, label, rank, score), prints images/s, the speed ratio (DuckDB s / kdpipe s), peak RSS of each
 and their ratio (kdpipe / DuckDB). With ``--repeat R`` each N runs R times, the engines' order alternating (the
@@ -14,7 +15,6 @@ machine may be shared: the 1-minute load average before each run is printed too)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -97,48 +97,59 @@ def logits_manifest(folder: Path, store: PartStore, meta: dict, num_parts: int) 
     return mf.write(data, folder)
 
 
-def child_kdpipe(manifest: str, out: str) -> None:
-    from pipeline.cli import main
-
-    code = main(["--log-level", "WARNING", "select", "--logits", manifest, "--out", out, "--per-class",
-                 str(PER_CLASS), "--top-p", str(TOP_P), "--gallery", "0"])
-    assert code == 0
+def kdpipe_argv(manifest: Path, out: Path) -> list[str]:
+    """``kdpipe select`` as a user runs it (``python -m pipeline`` is the ``kdpipe`` script)."""
+    return [sys.executable, "-m", "pipeline", "--log-level", "WARNING", "select", "--logits", str(manifest),
+            "--out", str(out), "--per-class", str(PER_CLASS), "--top-p", str(TOP_P), "--gallery", "0"]
 
 
-def child_duckdb(manifest: str, out: str) -> None:
-    import duckdb
+DUCKDB = """
+import json, sys
+from pathlib import Path
+import duckdb
+folder, out = Path(sys.argv[1]), sys.argv[2]
+entries = json.loads((folder / "manifest.json").read_text())["files"]
+files = ", ".join(repr(str(folder / e["path"])) for e in entries)
+con = duckdb.connect()
+con.execute("SET threads = 2")
+con.execute(f'''
+    COPY (
+      WITH cand AS (
+        SELECT key, shard, unnest(topk_index[1:{TOP_P}]) AS label, unnest(topk_logit[1:{TOP_P}]) AS z, lse
+        FROM read_parquet([{files}])
+      )
+      SELECT key, shard, CAST(label AS INTEGER) AS label,
+             CAST(exp(CAST(z AS DOUBLE) / {T} - CAST(lse AS DOUBLE)) AS FLOAT) AS score,
+             CAST(row_number() OVER (PARTITION BY label ORDER BY
+                  CAST(exp(CAST(z AS DOUBLE) / {T} - CAST(lse AS DOUBLE)) AS FLOAT) DESC, key ASC) - 1
+                  AS INTEGER) AS rank
+      FROM cand
+      QUALIFY rank < {PER_CLASS}
+      ORDER BY label, rank
+    ) TO '{out}' (FORMAT parquet, COMPRESSION zstd)''')
+"""
 
-    loaded = mf.load(manifest)
-    files = ", ".join(f"'{loaded.file_path(e)}'" for e in loaded.files)
-    con = duckdb.connect()
-    con.execute("SET threads = 2")
-    con.execute(f"""
-        COPY (
-          WITH cand AS (
-            SELECT key, shard, unnest(topk_index[1:{TOP_P}]) AS label, unnest(topk_logit[1:{TOP_P}]) AS z, lse
-            FROM read_parquet([{files}])
-          )
-          SELECT key, shard, CAST(label AS INTEGER) AS label,
-                 CAST(exp(CAST(z AS DOUBLE) / {T} - CAST(lse AS DOUBLE)) AS FLOAT) AS score,
-                 CAST(row_number() OVER (PARTITION BY label ORDER BY
-                      CAST(exp(CAST(z AS DOUBLE) / {T} - CAST(lse AS DOUBLE)) AS FLOAT) DESC, key ASC) - 1
-                      AS INTEGER) AS rank
-          FROM cand
-          QUALIFY rank < {PER_CLASS}
-          ORDER BY label, rank
-        ) TO '{out}' (FORMAT parquet, COMPRESSION zstd)""")
+
+def duckdb_argv(manifest: Path, out: Path) -> list[str]:
+    """The DuckDB SQL a user would write, as a script of its own (it imports duckdb and nothing of kdpipe)."""
+    folder = manifest.parent if manifest.is_file() else manifest
+    return [sys.executable, "-c", f"TOP_P, T, PER_CLASS = {TOP_P}, {T}, {PER_CLASS}\n" + DUCKDB, str(folder),
+            str(out)]
 
 
 def run_child(kind: str, manifest: Path, out: Path) -> dict:
-    """Run one engine in a fresh interpreter; return its seconds and peak RSS (MiB)."""
-    code = (f"import sys, time, resource, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"import select_throughput as b; t = time.perf_counter(); b.child_{kind}({str(manifest)!r}, "
-            f"{str(out)!r}); s = time.perf_counter() - t; "
-            "print(json.dumps({'seconds': s, 'rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Run one engine in a fresh interpreter, timed from its start to its exit (interpreter start and imports
+    included, for both); its seconds and peak RSS (MiB, from ``wait4``)."""
+    argv = (kdpipe_argv if kind == "kdpipe" else duckdb_argv)(manifest, out)
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = child.stderr.read()
+    child.stderr.close()
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    if status:
+        raise SystemExit(f"{kind} failed:\n{stderr.decode()[-3000:]}")
+    return {"seconds": seconds, "rss_mib": usage.ru_maxrss / 1024}
 
 
 def same_rows(kdpipe_part: Path, duck_file: Path) -> tuple[bool, str]:

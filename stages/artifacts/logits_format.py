@@ -26,6 +26,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from stages.artifacts.arrays import to_numpy
+
 SCHEMA_VERSION = 2
 READ_VERSIONS = (1, 2)  # versions this kdpipe reads (1: no lse1 column)
 LSE1 = "lse1"
@@ -73,7 +75,7 @@ def fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.nd
     """A fixed_size_list column as a 2-D numpy array without per-row Python work."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return to_numpy(column.flatten()).reshape(-1, width)
 
 
 def softened_topk(topk_logit: np.ndarray, lse: np.ndarray, temperature: float) -> np.ndarray:

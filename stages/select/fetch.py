@@ -1,8 +1,10 @@
-"""Reading logits for a select map task: the first pass's batches one ahead, and the survivors' payload.
+"""Reading logits for a select map task: the first pass's batches from parts read in parallel, and the
+survivors' payload.
 
-``prefetched`` advances a stream on a second thread, one item ahead of its consumer: the map's first pass
-reads, checks and scores logits batches there (Parquet decoding and numpy release the GIL) while the main
-thread accumulates the batch before.
+``parallel_parts`` runs a per-part stream on ``READERS`` threads, each taking the next unread part: the map's
+first pass reads, checks and scores logits batches there (Parquet decoding, sha256 and numpy release the GIL)
+while the main thread accumulates them in the order they come (ranking does not depend on it).
+``prefetched`` advances one stream on a second thread, one item ahead of its consumer.
 
 ``fetch_payload``, the second pass: the first ranks candidates by numbers alone (``ScoreTopK``: label, score,
 row id); only the rows that survive it (the per-class top K_l and the ties at the boundary) need their key,
@@ -14,12 +16,15 @@ are those the first pass checked.
 
 from __future__ import annotations
 
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
+from stages.artifacts.arrays import to_arrow
 from stages.artifacts.logits_reader import LogitsSet
 
 ROW_BITS = 32  # a row id is (logits part << 32) + row within the part
@@ -38,6 +43,74 @@ def prefetched(items: Iterator[T]) -> Iterator[T]:
         while (item := ahead.result()) is not _END:
             ahead = pool.submit(next, items, _END)
             yield item
+
+
+class _Failed:
+    """A worker's exception, carried to the consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def parallel_parts(parts: Iterable[int], produce: Callable[[int], Iterator[T]], workers: int = READERS) -> Iterator[T]:
+    """Every item of ``produce(part)`` for every part, ``workers`` parts at a time on threads, in arrival order.
+
+    A worker's exception is raised here (the first to arrive); then, as when the consumer stops early, the
+    workers stop at their next item and are joined. Memory: ``2 x workers`` items in flight.
+    """
+    items: queue.Queue = queue.Queue(maxsize=2 * workers)
+    todo, lock, stop = iter(list(parts)), threading.Lock(), threading.Event()
+    threads = [threading.Thread(target=_work, args=(todo, lock, produce, items, stop), daemon=True,
+                                name=f"select-read-{i}") for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield from _drain(items, len(threads))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+def _drain(items: queue.Queue, workers: int) -> Iterator:
+    done = 0
+    while done < workers:
+        item = items.get()
+        if item is _END:
+            done += 1
+        elif isinstance(item, _Failed):
+            raise item.error
+        else:
+            yield item
+
+
+def _work(todo: Iterator[int], lock: threading.Lock, produce: Callable, items: queue.Queue,
+          stop: threading.Event) -> None:
+    """One worker: the next unread part's items into ``items`` until no part is left or ``stop``."""
+    try:
+        while not stop.is_set():
+            with lock:
+                part = next(todo, None)
+            if part is None:
+                break
+            for item in produce(part):
+                if not _put(items, item, stop):
+                    return
+    except BaseException as exc:  # carried to the consumer, which raises it
+        _put(items, _Failed(exc), stop)
+    finally:
+        _put(items, _END, stop)
+
+
+def _put(items: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer has stopped (then False): never blocks a worker for good."""
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def numbered_batches(logits_set: LogitsSet, parts: range, columns: list[str],
@@ -60,7 +133,7 @@ def fetch_payload(logits_set: LogitsSet, ids: np.ndarray, schema: pa.Schema, id_
     with ThreadPoolExecutor(READERS, thread_name_prefix="select-fetch") as pool:  # parts decode in parallel
         batches = [batch for found in pool.map(read, bounds) for batch in found]
     payload = pa.Table.from_batches(batches, schema.remove(schema.get_field_index(id_column)))
-    return payload.append_column(schema.field(id_column), pa.array(ids, pa.int64()))
+    return payload.append_column(schema.field(id_column), to_arrow(ids, pa.int64()))
 
 
 def _part_rows(logits_set: LogitsSet, part: int, rows: np.ndarray, columns: list[str],
@@ -76,7 +149,7 @@ def _part_rows(logits_set: LogitsSet, part: int, rows: np.ndarray, columns: list
             for batch in handle.iter_batches(batch_size=batch_rows, row_groups=[group], columns=columns):
                 a, b = np.searchsorted(rows, [offset, offset + batch.num_rows])
                 if b > a:
-                    out.append(batch.take(pa.array(rows[a:b] - offset)))
+                    out.append(batch.take(to_arrow(rows[a:b] - offset)))
                 offset += batch.num_rows
         start += size
     return out

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from pipeline import manifest as mf
 from pipeline.errors import KdpipeError
+from stages.artifacts.arrays import to_numpy
 from stages.artifacts.lineage import resolve_lineage
 from stages.artifacts.reports import new_figure, png_bytes
 from stages.imaging import Preprocess, SampleError, centre_box, decode, find_image, render
@@ -40,8 +41,8 @@ def find_dataset(selection: mf.Manifest, dataset: str | Path | None) -> mf.Manif
 
 def pick(table: pa.Table, per_class: int) -> dict[int, tuple[list[int], list[int]]]:
     """Row indices per label: the ``per_class`` top originals and the ``per_class`` last admitted."""
-    labels = table.column("label").to_numpy()
-    originals = np.flatnonzero(table.column("dup").to_numpy() == 0)
+    labels = to_numpy(table.column("label"))
+    originals = np.flatnonzero(to_numpy(table.column("dup")) == 0)
     out = {}
     for label in np.unique(labels[originals]):
         rows = originals[labels[originals] == label]
@@ -59,9 +60,9 @@ def gallery_files(selection: mf.Manifest, table: pa.Table, per_class: int,
     picks = pick(table, per_class)
     wanted = {int(i) for top, last in picks.values() for i in top + last}
     keys = table.column("key").to_pylist()
-    shards = table.column("shard").to_numpy()
+    shards = to_numpy(table.column("shard"))
     thumbs = fetch_thumbnails(data, {keys[i]: int(shards[i]) for i in wanted})
-    scores = table.column("score").to_numpy()
+    scores = to_numpy(table.column("score"))
     files = {}
     for label, (top, last) in sorted(picks.items()):
         name = f"gallery/class-{label:05d}.png"

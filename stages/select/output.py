@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from stages.artifacts.arrays import to_arrow, to_numpy
 from stages.select.policy import SelectSpec, balance_plan
 
 BASE_COLUMNS = ("key", "shard")
@@ -26,7 +27,7 @@ def payload_columns(soft_targets: bool) -> list[str]:
 
 def final_table(top: pa.Table, spec: SelectSpec, meta: dict) -> pa.Table:
     """Ranks and balance copies for ``top`` (exact per-class rows in (label, score desc, key asc) order)."""
-    labels = top.column("label").to_numpy()
+    labels = to_numpy(top.column("label"))
     counts = np.bincount(labels, minlength=len(spec.quotas)) if len(labels) else np.zeros(len(spec.quotas), int)
     starts = np.cumsum(counts) - counts
     rank = (np.arange(len(labels)) - starts[labels]).astype(np.int32)
@@ -34,10 +35,10 @@ def final_table(top: pa.Table, spec: SelectSpec, meta: dict) -> pa.Table:
     if spec.balance:
         repeats, dup = balance_plan(counts, np.asarray(spec.quotas))
         rows = np.repeat(np.arange(len(labels)), repeats)
-        top, rank = top.take(pa.array(rows)), rank[rows]
+        top, rank = top.take(to_arrow(rows)), rank[rows]
     columns = {name: top.column(name) for name in ("key", "shard", "label", "score")}
-    columns["rank"] = pa.array(rank, pa.int32())
-    columns["dup"] = pa.array(dup, pa.int16())
+    columns["rank"] = to_arrow(rank, pa.int32())
+    columns["dup"] = to_arrow(dup, pa.int16())
     if spec.soft_targets:
         columns.update({name: top.column(name) for name in SOFT_COLUMNS})
     table = pa.table(columns)

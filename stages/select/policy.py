@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
+from stages.artifacts.arrays import to_numpy
 from stages.artifacts.logits_format import LSE1, fixed_list_to_numpy
 from stages.select.options import POLICIES
 
@@ -143,6 +145,7 @@ class Scorer:
         self.spec, self.topk = spec, topk
         self.temperature, self.lse_column = spec.ranking(temperature)
         self.candidates = np.zeros(num_classes, np.int64)
+        self._counting = threading.Lock()  # batches are scored on several threads at once
 
     def __call__(self, batch: pa.RecordBatch, thr: np.ndarray,
                  excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -153,7 +156,7 @@ class Scorer:
         depth = self.spec.depth
         labels = fixed_list_to_numpy(batch.column("topk_index"), self.topk)[:, :depth].astype(np.intp)
         logits = fixed_list_to_numpy(batch.column("topk_logit"), self.topk)[:, :depth]
-        lse = batch.column(self.lse_column).to_numpy(zero_copy_only=False)
+        lse = to_numpy(batch.column(self.lse_column))
         if self.spec.min_score > 0:
             return self._with_floor(labels, logits, lse, thr, excluded)
         self._count(labels, excluded)
@@ -166,13 +169,17 @@ class Scorer:
         scores = exact_scores(logits[rows, cols], lse[rows], self.temperature)
         eligible = scores >= np.float32(self.spec.min_score)
         rows, labs, scores = rows[eligible], labels[rows, cols][eligible], scores[eligible]
-        self.candidates += np.bincount(labs, minlength=len(self.candidates))
+        counts = np.bincount(labs, minlength=len(self.candidates))
+        with self._counting:
+            self.candidates += counts
         admit = scores >= thr[labs]
         return labs[admit].astype(np.int32), scores[admit], rows[admit]
 
     def _count(self, labels: np.ndarray, excluded: np.ndarray | None) -> None:
         counted = labels if excluded is None else labels[~excluded]
-        self.candidates += np.bincount(counted.ravel(), minlength=len(self.candidates))
+        counts = np.bincount(counted.ravel(), minlength=len(self.candidates))
+        with self._counting:
+            self.candidates += counts
 
     def _prefilter(self, labels, logits, lse, thr, excluded) -> np.ndarray:
         """float32 log-space test with a margin: never drops a candidate whose exact score passes."""
@@ -197,7 +204,7 @@ def excluded_rows(keys: pa.Array, exclusion: pa.Array | None) -> np.ndarray | No
     """Boolean mask of the batch rows whose key is in the exclusion set (None when nothing is excluded)."""
     if exclusion is None or len(exclusion) == 0:
         return None
-    mask = pc.is_in(keys, value_set=exclusion).to_numpy(zero_copy_only=False)
+    mask = to_numpy(pc.is_in(keys, value_set=exclusion))
     return mask if mask.any() else None
 
 

@@ -30,13 +30,15 @@ from pipeline.progress import advance
 from pipeline.storage import RemotePath
 from pipeline.tasks import file_entries, finalize, run_parts, task_info
 from pipeline.verify import parquet_rows
+from stages.artifacts.arrays import to_numpy
 from stages.artifacts.exclusion import Exclusion, load_exclusion
 from stages.artifacts.logits_format import LSE1, read_metadata
 from stages.artifacts.logits_reader import AGREEING, LogitsSet, open_logits
 from stages.artifacts.parquet import open_parquet, source, write_parquet
+from stages.artifacts.reports import preload
 from stages.artifacts.selection import SCHEMA_VERSION
 from stages.artifacts.sidecars import sidecars_for, with_sidecars
-from stages.select.fetch import fetch_payload, numbered_batches, prefetched
+from stages.select.fetch import fetch_payload, numbered_batches, parallel_parts
 from stages.select.options import SelectOptions
 from stages.select.output import final_table, payload_columns
 from stages.select.policy import Scorer, SelectSpec, excluded_rows, make_spec
@@ -94,6 +96,8 @@ def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy:
     out = out if is_remote_out(out) else Path(out)
     params = selection_params(logits_set, spec, exclusion)
     maps = map_store(out, params, num_tasks)
+    if do_finalize and (num_tasks == 1 or finalize_only):  # this process writes the report: load matplotlib meanwhile
+        preload()
     if not finalize_only:
         _run_map(maps, logits_set, spec, exclusion, task_index, num_tasks, batch_rows, retry_failed, max_attempts)
     missing = [i for i in range(num_tasks) if maps.committed(i, verify=False) is None]
@@ -187,6 +191,7 @@ def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exc
                                                                    batch_rows, views)
     release_memory()  # pass 1's buffers, before pass 2 allocates through Arrow
     fetched = fetch_payload(logits_set, ids, payload, ROW_ID, batch_rows)
+    del ids  # in ``fetched`` now
     release_memory()
     table = exact_rows(labels, scores, fetched, spec.quotas)
     del fetched
@@ -204,16 +209,17 @@ def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Ex
     """Pass 1: every logits batch of ``block`` through ``scorer`` into a ``ScoreTopK``; its survivors, and
     (images, images excluded, compactions).
 
-    Reading, row checks and scoring run on the read-ahead thread, the ``ScoreTopK`` on this one (scoring may
-    use thresholds a batch old: they only rise, and ``ScoreTopK.add`` applies its current ones).
+    Reading, row checks and scoring run on ``parallel_parts``' threads (a part each), the ``ScoreTopK`` on this
+    one, in the order batches come (scoring may use thresholds a few batches old: they only rise, and
+    ``ScoreTopK.add`` applies its current ones).
     """
     read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
     bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score)
-    scored = (_score(scorer, batch, first_id, bound.thr, exclusion, views)
-              for first_id, batch in numbered_batches(logits_set, block, read, batch_rows))
+    scored = lambda part: (_score(scorer, batch, first_id, bound.thr, exclusion, views)
+                           for first_id, batch in numbered_batches(logits_set, range(part, part + 1), read, batch_rows))
     images = excluded = 0
-    for labels, scores, ids, seen, dropped in prefetched(scored):
+    for labels, scores, ids, seen, dropped in parallel_parts(block, scored):
         bound.add(labels, scores, ids)
         images, excluded = images + seen, excluded + dropped
         advance(seen)  # images ranked so far: the task's live progress
@@ -227,7 +233,7 @@ def _score(scorer: Scorer, batch: pa.RecordBatch, first_id: int, thr: np.ndarray
     excluded = 0 if dropped is None else int(dropped.sum())
     seen = batch.num_rows
     if views:  # multi-view logits: an image is ranked by its centre view (view 0) only
-        other = batch.column("view").to_numpy() != 0
+        other = to_numpy(batch.column("view")) != 0
         dropped = other if dropped is None else (dropped | other)
         seen = int((~other).sum())
     labels, scores, rows = scorer(batch, thr, dropped)
@@ -301,7 +307,7 @@ def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, nu
             **({"rank_temperature": spec.rank_temperature} if spec.rank_temperature is not None else {})}
     table = final_table(top, spec, meta)
     write_parquet(table, tmp)
-    _, per_image = np.unique(top.column(ROW_ID).to_numpy(), return_counts=True)
+    _, per_image = np.unique(to_numpy(top.column(ROW_ID)), return_counts=True)
     images = {"unique_images": len(per_image), "multi_label_images": int((per_image > 1).sum()),
               "max_labels_per_image": int(per_image.max()) if len(per_image) else 0}
     counts = {k: totals[k] for k in ("images", "excluded")}  # candidates per class stay out of the receipt
@@ -312,13 +318,13 @@ def _reduce_write(tmp: Path, maps: PartStore, spec: SelectSpec, params: dict, nu
 def _merge_maps(maps: PartStore, spec: SelectSpec, num_tasks: int, batch_rows: int) -> pa.Table:
     """The exact top rows over all map parts (one map part is already exact and sorted)."""
     if num_tasks == 1:
-        return pq.read_table(source(maps.part_path(0)))
+        return pq.ParquetFile(source(maps.part_path(0))).read()
     columns = payload_columns(spec.soft_targets) + [ROW_ID]
     schema = pq.read_schema(source(maps.part_path(0)))
     payload = pa.schema([schema.field(c) for c in columns])
     acc = ClassTopK(np.asarray(spec.quotas), floor=spec.min_score, schema=payload)
     for index in range(num_tasks):
         for batch in pq.ParquetFile(source(maps.part_path(index))).iter_batches(batch_size=batch_rows):
-            labels = batch.column("label").to_numpy()
-            acc.add(labels, batch.column("score").to_numpy(), pa.Table.from_batches([batch.select(columns)]))
+            labels = to_numpy(batch.column("label"))
+            acc.add(labels, to_numpy(batch.column("score")), pa.Table.from_batches([batch.select(columns)]))
     return acc.result()

@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.artifacts.arrays import to_arrow, to_numpy
+
 TAKE_SPLIT = 1 << 18  # rows from which ``take_halves`` splits the gather over two threads
 
 
@@ -54,7 +56,7 @@ class ClassTopK:
         keep = scores >= self.thr[labels]
         if not keep.all():
             where = np.flatnonzero(keep)
-            labels, scores, payload = labels[where], scores[where], payload.take(pa.array(where))
+            labels, scores, payload = labels[where], scores[where], payload.take(to_arrow(where))
         if len(labels) == 0:
             return
         self._labels.append(labels.astype(np.int32, copy=False))
@@ -71,7 +73,7 @@ class ClassTopK:
             return
         keep, kth = _exact_keep(labels, scores, payload.column("key"), self.quotas)
         labels, scores = labels[keep], scores[keep]
-        payload = payload.take(pa.array(keep))
+        payload = payload.take(to_arrow(keep))
         full = ~np.isnan(kth)
         self.thr[full] = np.maximum(self.thr[full], kth[full])
         self._labels, self._scores, self._payload = [labels], [scores], [payload]
@@ -91,9 +93,9 @@ class ClassTopK:
         self.compact()
         labels, scores, payload = self._concat()
         order = sorted_order(labels, scores, payload.column("key"), len(self.quotas))
-        table = payload.take(pa.array(order))
-        table = table.append_column("label", pa.array(labels[order], pa.int32()))
-        return table.append_column("score", pa.array(scores[order], pa.float32()))
+        table = payload.take(to_arrow(order))
+        table = table.append_column("label", to_arrow(labels[order], pa.int32()))
+        return table.append_column("score", to_arrow(scores[order], pa.float32()))
 
 
 class ScoreTopK:
@@ -236,24 +238,29 @@ def exact_rows(labels: np.ndarray, scores: np.ndarray, payload: pa.Table, quotas
     """What ``ClassTopK.result`` gives for these candidates at once (they fit in memory: e.g. ``ScoreTopK``'s
     survivors with their payload), with one sort and one take of the payload: the exact top K_l rows with
     ``label`` and ``score``, by (label asc, score desc, key asc)."""
-    order = sorted_order(labels, scores, payload.column("key"), len(quotas))
+    rows = first_per_class(labels, sorted_order(labels, scores, payload.column("key"), len(quotas)), quotas)
+    table = take_halves(payload, rows)
+    table = table.append_column("label", to_arrow(labels[rows], pa.int32()))
+    return table.append_column("score", to_arrow(scores[rows], pa.float32()))
+
+
+def first_per_class(labels: np.ndarray, order: np.ndarray, quotas: np.ndarray) -> np.ndarray:
+    """The first K_l rows of each class in ``order`` (rows grouped by label), in that order (its temporaries are
+    gone before the caller's take of the payload)."""
     ordered = labels[order]
     counts = np.bincount(ordered, minlength=len(quotas))
     rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[ordered]
-    rows = order[rank < np.asarray(quotas)[ordered]]  # the first K_l of each class in that order
-    table = take_halves(payload, rows)
-    table = table.append_column("label", pa.array(labels[rows], pa.int32()))
-    return table.append_column("score", pa.array(scores[rows], pa.float32()))
+    return order[rank < np.asarray(quotas)[ordered]]
 
 
 def take_halves(table: pa.Table, rows: np.ndarray) -> pa.Table:
     """``table.take(rows)`` as two takes on two threads (Arrow's gather releases the GIL; a random-order take of
     millions of keys is bound by memory latency, not by one core); the result has a chunk per half."""
     if len(rows) < TAKE_SPLIT:
-        return table.take(pa.array(rows))
+        return table.take(to_arrow(rows))
     half = len(rows) // 2
     with ThreadPoolExecutor(2, thread_name_prefix="select-take") as pool:
-        parts = list(pool.map(lambda r: table.take(pa.array(r)), (rows[:half], rows[half:])))
+        parts = list(pool.map(lambda r: table.take(to_arrow(r)), (rows[:half], rows[half:])))
     return pa.concat_tables(parts)
 
 
@@ -271,10 +278,10 @@ def sorted_order(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray |
     if equal.any():
         tied = np.flatnonzero(np.r_[equal, False] | np.r_[False, equal])
         rows = order[tied]
-        sub = pa.table({"c": comp[tied], "k": pc.take(keys, pa.array(rows if key_rows is None else key_rows[rows])),
-                        "r": rows})
-        order[tied] = rows[pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending"),
-                                                           ("r", "ascending")]).to_numpy()]
+        sub = pa.table({"c": to_arrow(comp[tied]), "r": to_arrow(rows),
+                        "k": pc.take(keys, to_arrow(rows if key_rows is None else key_rows[rows]))})
+        order[tied] = rows[to_numpy(pc.sort_indices(sub, sort_keys=[("c", "ascending"), ("k", "ascending"),
+                                                                    ("r", "ascending")]))]
     return order
 
 
@@ -304,6 +311,6 @@ def _exact_keep(labels: np.ndarray, scores: np.ndarray, keys: pa.ChunkedArray,
     keep[tied[fits[tied_labels]]] = True
     for cls in np.flatnonzero(~fits):
         rows = tied[tied_labels == cls]
-        by_key = pc.sort_indices(pc.take(keys, pa.array(rows))).to_numpy()
+        by_key = to_numpy(pc.sort_indices(pc.take(keys, to_arrow(rows))))
         keep[rows[by_key[: room[cls]]]] = True
     return np.flatnonzero(keep), kth
