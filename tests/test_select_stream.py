@@ -9,7 +9,7 @@ import pytest
 from pipeline.errors import IntegrityError, KdpipeError
 from stages.select.fetch import prefetched
 from stages.select.stage import select
-from stages.select.topk import ScoreTopK, exact_rows
+from stages.select.topk import ScoreBins, ScoreTopK, exact_rows
 from tests.factories import make_logits, random_shards
 from tests.test_select import T, brute_force, rounded, selected
 
@@ -74,3 +74,21 @@ def test_a_key_twice_in_an_unordered_part_is_refused_naming_the_part_and_the_key
     manifest = make_logits(tmp_path / "l", [(["b", "a", "c", "a"], logits)], topk=3)
     with pytest.raises(KdpipeError, match="part-000000.parquet: key .a. appears more than once"):
         select(manifest, tmp_path / "s", per_class=2, top_p=1, gallery=0)
+
+
+def test_score_bins_thresholds_never_exceed_the_kth_score_and_stay_within_a_bin_of_it():
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 4, 5000)
+    scores = np.concatenate([rng.random(4000), np.full(990, 1.0), rng.random(10) * 1e-7]).astype(np.float32)
+    quotas = np.array([50, 0, 1200, 5000])
+    bins = ScoreBins(4)
+    bins.add(labels, scores)
+    thr = bins.thresholds(quotas)
+    for label, quota in enumerate(quotas):
+        ranked = np.sort(scores[labels == label])[::-1]
+        if quota == 0 or quota > len(ranked):
+            assert thr[label] == -np.inf  # nothing to bound: the class is not full (or takes nothing)
+            continue
+        kth = ranked[quota - 1]
+        assert thr[label] <= kth and (scores[labels == label] >= thr[label]).sum() >= quota
+        assert thr[label] >= kth / (1 + 1 / 16) or kth < 2 ** -20  # at most one bin (1/16 of an octave) below

@@ -153,22 +153,24 @@ class Scorer:
 
         ``excluded`` marks rows dropped before ranking. Also counts every eligible candidate per class.
         """
-        depth = self.spec.depth
-        labels = fixed_list_to_numpy(batch.column("topk_index"), self.topk)[:, :depth].astype(np.intp)
-        logits = fixed_list_to_numpy(batch.column("topk_logit"), self.topk)[:, :depth]
+        depth = self.spec.depth  # the top-P columns, contiguous: candidates are found in one flat pass
+        labels = np.ascontiguousarray(fixed_list_to_numpy(batch.column("topk_index"), self.topk)[:, :depth])
+        logits = np.ascontiguousarray(fixed_list_to_numpy(batch.column("topk_logit"), self.topk)[:, :depth])
         lse = to_numpy(batch.column(self.lse_column))
         if self.spec.min_score > 0:
             return self._with_floor(labels, logits, lse, thr, excluded)
         self._count(labels, excluded)
-        rows, cols = np.nonzero(self._prefilter(labels, logits, lse, thr, excluded))
-        return self._admit(labels[rows, cols], logits[rows, cols], lse[rows], rows, thr)
+        flat = np.flatnonzero(self._prefilter(labels, logits, lse, thr, excluded))
+        rows = flat // depth
+        return self._admit(labels.ravel()[flat], logits.ravel()[flat], lse[rows], rows, thr)
 
     def _with_floor(self, labels, logits, lse, thr, excluded):
         floor = np.full(len(thr), self.spec.min_score, np.float32)
-        rows, cols = np.nonzero(self._prefilter(labels, logits, lse, floor, excluded))
-        scores = exact_scores(logits[rows, cols], lse[rows], self.temperature)
+        flat = np.flatnonzero(self._prefilter(labels, logits, lse, floor, excluded))
+        rows = flat // labels.shape[1]
+        scores = exact_scores(logits.ravel()[flat], lse[rows], self.temperature)
         eligible = scores >= np.float32(self.spec.min_score)
-        rows, labs, scores = rows[eligible], labels[rows, cols][eligible], scores[eligible]
+        rows, labs, scores = rows[eligible], labels.ravel()[flat][eligible], scores[eligible]
         counts = np.bincount(labs, minlength=len(self.candidates))
         with self._counting:
             self.candidates += counts
@@ -186,7 +188,7 @@ class Scorer:
         with np.errstate(divide="ignore", invalid="ignore"):
             log_thr = np.log(thr.astype(np.float64))
             lower = (log_thr - 1e-4 - 1e-6 * np.abs(log_thr)).astype(np.float32)
-        lse32 = lse.astype(np.float32)
+        lse32 = np.asarray(lse, np.float32)
         shift = lse32 - (1e-4 + 1e-6 * np.abs(lse32))
         logp = logits.astype(np.float32) * np.float32(1.0 / self.temperature) - shift[:, None]
         mask = logp >= lower[labels]

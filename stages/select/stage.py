@@ -215,7 +215,8 @@ def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Ex
     """
     read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
-    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score)
+    rows = sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block)
+    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score, expected=rows * spec.depth)
     scored = lambda part: (_score(scorer, batch, first_id, bound.thr, exclusion, views)
                            for first_id, batch in numbered_batches(logits_set, range(part, part + 1), read, batch_rows))
     images = excluded = 0

@@ -107,14 +107,15 @@ class ScoreTopK:
     first batches on; the buffer is filtered by them when it exceeds ``cap`` rows. ``result`` trims once to each
     class's exact K_l-th score, keeping every row tied with it: keys, which break those ties, are not at hand.
     The rows kept are thus the exact top K_l plus the ties at the boundary; ``exact_rows`` over them, with
-    their payload, gives the exact rows. Memory: buffers of at most ``cap`` rows (sum K_l and a quarter) at 16
-    bytes a row, filled in place, the histogram (classes x ``ScoreBins.count`` x 8 bytes) and the exact trim's
+    their payload, gives the exact rows. Memory: buffers of at most ``cap`` rows (twice sum K_l, or the
+    ``expected`` candidates when fewer) at 16 bytes a row, filled in place, the histogram (classes x ``ScoreBins.count`` x 8 bytes) and the exact trim's
     temporaries (14 bytes a row): O(classes x K) plus the ties at each class's boundary.
     """
 
-    def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None):
+    def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None, expected: int = 0):
         self.quotas = np.asarray(quotas, dtype=np.int64)
         self.thr = np.where(self.quotas > 0, np.float32(floor), np.float32(np.inf)).astype(np.float32)
+        self.expected = expected  # candidates the caller expects at most: the buffers' first size, if below cap
         total = int(self.quotas.sum())
         self.slack = max(total, 65536) if cap is None else max(cap // 4, 1)  # the least room after a filter
         self.cap = total + self.slack if cap is None else cap
@@ -142,7 +143,7 @@ class ScoreTopK:
 
     def _reserve(self, rows: int) -> None:
         if rows > len(self._buffers[0]):  # grows geometrically up to ``cap`` (fewer candidates than quotas: less)
-            size = min(self.cap + 1, max(rows, 2 * len(self._buffers[0]), 65536))
+            size = min(self.cap + 1, max(rows, 2 * len(self._buffers[0]), self.expected or 65536))
             grown = tuple(np.empty(size, b.dtype) for b in self._buffers)
             for old, new in zip(self._buffers, grown):
                 new[:self._rows] = old[:self._rows]
@@ -184,7 +185,8 @@ class ScoreTopK:
 
 
 class ScoreBins:
-    """Per-class histogram of scores in [0, 1] on a log scale: bins of 1/16 octave down to 2**-20 (one bin below).
+    """Per-class histogram of scores in [0, 1]: 16 bins an octave (a bin is at most 1/16 of its lower edge wide)
+    down to 2**-20, one bin below.
 
     A score's bin is read off its float32 bits (exponent and top 4 mantissa bits), so binning is one shift.
     """
@@ -195,23 +197,22 @@ class ScoreBins:
     count = PER_OCTAVE * OCTAVES + 1
 
     def __init__(self, num_classes: int):
-        self.counts = np.zeros((num_classes, self.count), np.int64)
-        bits = (np.arange(self.count, dtype=np.uint32) + np.uint32(self._TOP - self.count + 1)) << self._SHIFT
+        self.counts = np.zeros((num_classes, self.count), np.int64)  # per class, bins from the top (1.0) down
+        bits = (np.uint32(self._TOP) - np.arange(self.count, dtype=np.uint32)) << self._SHIFT
         self.floors = bits.view(np.float32).copy()
-        self.floors[0] = 0  # the bottom bin holds everything below 2**-20
+        self.floors[-1] = 0  # the bottom bin holds everything below 2**-20
 
     def add(self, labels: np.ndarray, scores: np.ndarray) -> None:
         """Count ``scores`` (float32 in [0, 1]) in their classes' bins."""
-        bins = (np.ascontiguousarray(scores, np.float32).view(np.int32) >> self._SHIFT) - (self._TOP - self.count + 1)
-        cells = labels.astype(np.int64) * self.count + np.clip(bins, 0, self.count - 1)
+        below_top = self._TOP - (np.ascontiguousarray(scores, np.float32).view(np.int32) >> self._SHIFT)
+        cells = labels.astype(np.int64) * self.count + np.clip(below_top, 0, self.count - 1)
         self.counts.ravel()[:] += np.bincount(cells, minlength=self.counts.size)
 
     def thresholds(self, quotas: np.ndarray) -> np.ndarray:
         """Per class, the highest bin floor with at least K_l scores at or above it (-inf where none has)."""
-        above = np.cumsum(self.counts[:, ::-1], axis=1) >= quotas[:, None]  # bins from the top down
+        above = np.cumsum(self.counts, axis=1) >= quotas[:, None]
         reached = above[:, -1] & (quotas > 0)
-        first = self.count - 1 - np.argmax(above, axis=1)
-        return np.where(reached, self.floors[first], np.float32(-np.inf)).astype(np.float32)
+        return np.where(reached, self.floors[np.argmax(above, axis=1)], np.float32(-np.inf)).astype(np.float32)
 
 
 def kth_scores(labels: np.ndarray, scores: np.ndarray, quotas: np.ndarray) -> np.ndarray:
