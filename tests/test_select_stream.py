@@ -1,12 +1,17 @@
 """Select's two-pass map: numbers-only ranking (ScoreTopK), survivors' payload read back, exact tie-break by key."""
 
 import functools
+import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from pipeline.errors import IntegrityError, KdpipeError
+from stages.artifacts import logits_reader
+from stages.artifacts.logits_reader import open_logits
+from stages.artifacts.parquet import checksum
 from stages.select.fetch import prefetched
 from stages.select.stage import select
 from stages.select.topk import ScoreBins, ScoreTopK, exact_rows
@@ -92,3 +97,25 @@ def test_score_bins_thresholds_never_exceed_the_kth_score_and_stay_within_a_bin_
         kth = ranked[quota - 1]
         assert thr[label] <= kth and (scores[labels == label] >= thr[label]).sum() >= quota
         assert thr[label] >= kth / (1 + 1 / 16) or kth < 2 ** -20  # at most one bin (1/16 of an octave) below
+
+
+
+def test_a_part_is_hashed_once_per_file_and_again_once_replaced(shuffled, tmp_path, monkeypatch):
+    """Select's two passes open each part twice: one sha256; a part replaced or rewritten since is hashed and refused."""
+    hashed = []
+    monkeypatch.setattr(logits_reader, "checksum", lambda path: hashed.append(path) or checksum(path))
+    folder = tmp_path / "copy"
+    shutil.copytree(shuffled.parent, folder)
+    logits = open_logits(folder)
+    logits.open_part(1)
+    logits.open_part(1)
+    assert len(hashed) == 1
+    part = logits.part_path(1)
+    body = bytearray(part.read_bytes())
+    body[len(body) // 2] ^= 1
+    replacement = part.with_suffix(".new")
+    replacement.write_bytes(bytes(body))
+    os.replace(replacement, part)  # a new file, same size
+    with pytest.raises(IntegrityError, match="part-000001.parquet: size or sha256 differs"):
+        logits.open_part(1)
+    assert len(hashed) == 2
