@@ -96,8 +96,6 @@ def select(logits: str | Path, out: str | Path, *, per_class: str | int, policy:
     out = out if is_remote_out(out) else Path(out)
     params = selection_params(logits_set, spec, exclusion)
     maps = map_store(out, params, num_tasks)
-    if do_finalize and (num_tasks == 1 or finalize_only):  # this process writes the report: load matplotlib meanwhile
-        preload()
     if not finalize_only:
         _run_map(maps, logits_set, spec, exclusion, task_index, num_tasks, batch_rows, retry_failed, max_attempts)
     missing = [i for i in range(num_tasks) if maps.committed(i, verify=False) is None]
@@ -245,6 +243,7 @@ def reduce_selection(out: Path, logits_set: LogitsSet, spec: SelectSpec, exclusi
                      params: dict, maps: PartStore, num_tasks: int, batch_rows: int, gallery: int,
                      dataset: str | Path | None) -> Path:
     """Merge the map parts into ``part-000000.parquet``, write the manifest and the report."""
+    preload()  # matplotlib, for the report, loads on a thread while the merge reads and writes Parquet
     store = _store(out, fingerprint("select", params, CODE_VERSION))
     receipts = [maps.committed(i) for i in range(num_tasks)]
     if any(r is None for r in receipts):
