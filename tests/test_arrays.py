@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from stages.artifacts.arrays import to_arrow, to_numpy
+from stages.artifacts.parquet import write_parquet
 from tests.factories import make_logits, random_shards
 
 
@@ -41,3 +42,15 @@ def test_a_select_never_imports_pandas(tmp_path):
             "print('pandas' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stderr[-2000:]
+
+
+def test_parquet_bytes_do_not_depend_on_the_chunks_of_the_table(tmp_path):
+    """400k distinct floats: where the column falls back from dictionary to plain pages depended on the chunks
+    pyarrow was handed (a 2M-row selection read back in 16 chunks, or built in one, gave different bytes)."""
+    scores = np.random.default_rng(5).random(400_000).astype(np.float32)
+    table = pa.table({"label": to_arrow(np.arange(400_000, dtype=np.int32) // 400), "score": to_arrow(scores)})
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=1 << 17))
+    write_parquet(table, tmp_path / "one.parquet")
+    write_parquet(chunked, tmp_path / "many.parquet")
+    assert chunked.column("score").num_chunks == 4
+    assert (tmp_path / "one.parquet").read_bytes() == (tmp_path / "many.parquet").read_bytes()
