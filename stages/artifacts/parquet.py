@@ -20,17 +20,17 @@ def write_parquet(table: pa.Table, path: Path, compression: str = "zstd", row_gr
                   indexed: bool = True) -> None:
     """Deterministic Parquet write (fixed row groups; no dictionary or statistics for keys, they are unique).
 
-    The bytes depend on the rows alone, not on how the table is chunked: each row group is written from one
-    chunk per column (where a column falls back from dictionary to plain pages depends on the chunks it is
-    handed: a 2M-row selection read back in 16 chunks and the same rows in one gave different bytes).
+    The bytes depend on the rows alone, not on how the table is chunked: a table of several chunks is made one
+    chunk per column first (where a column falls back from dictionary to plain pages depends on the chunks it
+    is handed: a 2M-row selection read back in 16 chunks and the same rows in one gave different bytes).
     ``indexed=False`` writes no dictionary and no statistics at all: for an intermediate that is only read back
-    whole (half the write time of a 2M-row select map part).
+    whole (half the write time of a 2M-row select map part; its bytes are its own, chunks and all).
     """
     others = [c for c in table.column_names if c not in ("key", "matched_key")] if indexed else False
-    with pq.ParquetWriter(path, table.schema, compression=compression, write_statistics=others,
-                          use_dictionary=others) as writer:
-        for start in range(0, table.num_rows, row_group) if table.num_rows else [0]:
-            writer.write_table(table.slice(start, row_group).combine_chunks(), row_group_size=row_group)
+    if indexed and any(column.num_chunks > 1 for column in table.columns):
+        table = table.combine_chunks()
+    pq.write_table(table, path, compression=compression, row_group_size=row_group, write_statistics=others,
+                   use_dictionary=others)
 
 
 def source(path) -> Path | str | object:
