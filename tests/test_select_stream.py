@@ -3,6 +3,7 @@
 import functools
 import os
 import shutil
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ from pipeline.errors import IntegrityError, KdpipeError
 from stages.artifacts import logits_reader
 from stages.artifacts.logits_reader import open_logits
 from stages.artifacts.parquet import checksum
-from stages.select.fetch import prefetched
+from stages.select.fetch import parallel_parts
 from stages.select.stage import select
 from stages.select.topk import ScoreBins, ScoreTopK, exact_rows
 from tests.factories import make_logits, random_shards
@@ -62,16 +63,16 @@ def test_score_topk_keeps_the_exact_rows_and_their_ties_and_exact_rows_breaks_th
     assert table.to_pylist() == want
 
 
-def test_the_read_ahead_thread_yields_in_order_and_raises_where_the_producer_failed():
-    def produce():
-        yield from range(3)
-        raise IntegrityError("part-000001.parquet: damaged")
+def test_the_part_readers_yield_every_item_and_raise_where_a_producer_failed():
+    def produce(part):
+        yield from (part * 10 + i for i in range(3))
+        if part == 3:
+            raise IntegrityError(f"part-{part:06d}.parquet: damaged")
 
-    got = []
-    with pytest.raises(IntegrityError, match="part-000001.parquet: damaged"):
-        for item in prefetched(produce()):
-            got.append(item)
-    assert got == [0, 1, 2]
+    assert sorted(parallel_parts(range(3), produce)) == [0, 1, 2, 10, 11, 12, 20, 21, 22]
+    with pytest.raises(IntegrityError, match="part-000003.parquet: damaged"):
+        list(parallel_parts(range(6), produce))
+    assert not [t for t in threading.enumerate() if t.name.startswith("select-read")]  # the workers were joined
 
 
 def test_a_key_twice_in_an_unordered_part_is_refused_naming_the_part_and_the_key(tmp_path):

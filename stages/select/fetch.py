@@ -4,7 +4,6 @@ survivors' payload.
 ``parallel_parts`` runs a per-part stream on ``READERS`` threads, each taking the next unread part: the map's
 first pass reads, checks and scores logits batches there (Parquet decoding, sha256 and numpy release the GIL)
 while the main thread accumulates them in the order they come (ranking does not depend on it).
-``prefetched`` advances one stream on a second thread, one item ahead of its consumer.
 
 ``fetch_payload``, the second pass: the first ranks candidates by numbers alone (``ScoreTopK``: label, score,
 row id); only the rows that survive it (the per-class top K_l and the ties at the boundary) need their key,
@@ -31,18 +30,6 @@ ROW_BITS = 32  # a row id is (logits part << 32) + row within the part
 READERS = 2  # logits parts read at once by the second pass
 T = TypeVar("T")
 _END = object()
-
-
-def prefetched(items: Iterator[T]) -> Iterator[T]:
-    """``items``, each one produced on a worker thread while the caller works on the one before.
-
-    An exception of the producer is raised here, at the item it failed on; memory is one item more.
-    """
-    with ThreadPoolExecutor(1, thread_name_prefix="select-read") as pool:
-        ahead = pool.submit(next, items, _END)
-        while (item := ahead.result()) is not _END:
-            ahead = pool.submit(next, items, _END)
-            yield item
 
 
 class _Failed:
