@@ -7,9 +7,11 @@ then holds the high-water mark of each phase at once. ``release_memory`` between
 On ``kdpipe select`` of 2M images, RSS after its first pass drops from 360 to 190 MiB, so the next phase
 starts from there (the run's peak went from ~480 to ~450 MiB: the phases' own peaks remain).
 
-``lean_allocation`` goes further for a job of such phases (the entry layer's choice: it is process-wide): Arrow
-allocates through malloc, and glibc keeps one arena instead of one per thread, so that what a phase freed,
-whichever thread freed it, is one trim away from the OS. ``kdpipe select`` of 2M images: peak RSS ~510 -> ~370 MiB.
+``one_arena`` goes further for a job of such phases run on several threads (the entry layer's choice: it is
+process-wide): glibc keeps one arena instead of one per thread, so that what a phase freed, whichever thread freed
+it, is one trim away from the OS. With Arrow allocating through malloc as well (``ARROW_DEFAULT_MEMORY_POOL=system``,
+which the ``kdpipe`` command sets before pyarrow loads), ``kdpipe select`` of 2M images peaks at ~400 instead of
+~510 MiB.
 """
 
 from __future__ import annotations
@@ -32,10 +34,8 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
-def lean_allocation() -> None:
-    """Arrow through malloc (``pa.system_memory_pool``) and one glibc arena; call it before the job's threads
-    start. Elsewhere than glibc only the Arrow part applies."""
-    pa.set_memory_pool(pa.system_memory_pool())
+def one_arena() -> None:
+    """One glibc malloc arena for every thread started after this call (a no-op elsewhere than glibc)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_ARENA_MAX, 1)

@@ -9,6 +9,9 @@ import pytest
 
 from pipeline import manifest as mf
 from pipeline.cli import main
+from stages.artifacts import logits_reader
+from stages.artifacts.logits_reader import open_logits
+from stages.artifacts.parquet import checksum
 from tests.s3_helpers import make_pool
 from tests.test_logits_support import train_card
 
@@ -207,3 +210,17 @@ def test_a_sigkill_in_the_middle_of_a_part_upload_leaves_no_object_and_the_rerun
     assert json.loads(fs.cat_file(f"{prefix}/manifest.json"))["totals"]["samples"] == \
         mf.load(f"{local}/rs").totals["samples"]
     assert main(["verify", f"s3://{prefix}"]) == 0
+
+
+def test_a_logits_part_in_a_bucket_is_hashed_every_time_it_is_opened(world, monkeypatch):
+    """A local part is hashed once per file (inode, size, mtime); an object has no such stat, so select's second
+    pass hashes it again: a same-size object replaced between the passes is caught."""
+    root, card, _ = world
+    assert _logits(root, card, f"s3://{BUCKET}/hashed/logits") == 0
+    hashed = []
+    monkeypatch.setattr(logits_reader, "checksum", lambda path: hashed.append(str(path)) or checksum(path))
+    for where in (str(root / "local"), f"s3://{BUCKET}/hashed/logits"):
+        logits = open_logits(where)
+        logits.open_part(0)
+        logits.open_part(0)
+    assert [h.startswith("s3://") for h in hashed] == [False, True, True]

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import manifest as mf
 from pipeline.errors import IntegrityError, ManifestError
+from pipeline.storage import classify
 from stages.artifacts.logits_format import READ_VERSIONS, fixed_list_to_numpy, read_metadata
 from stages.artifacts.parquet import checksum, open_parquet
 
@@ -75,14 +76,16 @@ class LogitsSet:
         return handle
 
     def _sha256_holds(self, index: int, path: Path, stat, entry: dict) -> bool:
-        """The part's sha256 is the manifest's: hashed once per file (the same inode, size and mtime: a part
-        read twice, as select's two passes do, is not hashed twice; a part replaced since is hashed again)."""
-        seen = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if self._hashed.get(index) == seen:
+        """The part's sha256 is the manifest's: a local file is hashed once (the same inode, size and mtime: a
+        part read twice, as select's two passes do, is not hashed twice; a part replaced since is hashed again);
+        an object in a bucket, whose stat has neither, every time it is opened."""
+        seen = None if classify(str(path)).remote else (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if seen is not None and self._hashed.get(index) == seen:
             return True
         if checksum(path) != entry["sha256"]:
             return False
-        self._hashed[index] = seen
+        if seen is not None:
+            self._hashed[index] = seen
         return True
 
     def _check_metadata(self, path: Path, meta: dict, rows: int, entry: dict) -> None:
@@ -107,9 +110,8 @@ class LogitsSet:
             for batch in handle.iter_batches(batch_size=batch_rows, columns=read):
                 order.add(check_rows(path, batch, self.num_classes, self.topk))
                 yield batch.select(wanted)
-            if not order.ascending:  # keys out of order: every key of the part, read again, hashed once
-                check_unique_keys(path, [check_rows(path, handle.read(columns=_checked_columns(handle)),
-                                                    self.num_classes, self.topk)])
+            if not order.ascending:  # keys out of order: the part's keys read again, hashed once
+                check_unique_keys(path, [unique_keys(handle.read(columns=_key_columns(handle)))])
 
     def read_part(self, index: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
         """One whole part as a table (a part is bounded by its shard's size), rows checked."""
@@ -139,6 +141,11 @@ def check_rows(path: Path, rows: pa.RecordBatch | pa.Table, num_classes: int, to
     if not _all_sound(index, logit, num_classes):  # the per-row masks only to name a faulty row
         for bad, what in row_faults(index, logit.astype(np.float32), num_classes):
             _refuse_rows(path, rows, bad, what)
+    return unique_keys(rows)
+
+
+def unique_keys(rows: pa.RecordBatch | pa.Table) -> pa.Array:
+    """The keys that must be unique within a part: every key, or the view-0 rows' of a multi-view part."""
     keys = rows.column("key")
     if "view" in rows.schema.names:
         keys = keys.filter(pc.equal(rows.column("view"), 0))
@@ -192,22 +199,22 @@ class KeyOrder:
     def add(self, keys: pa.Array) -> None:
         if not self.ascending or len(keys) == 0:
             return
-        self.ascending = keys.null_count == 0 and _ascending(pa.chunked_array([keys])) and (
+        self.ascending = keys.null_count == 0 and _ascending(keys) and (
             self._last is None or self._last < keys[0].as_py())
         self._last = keys[-1].as_py()
 
 
-def _checked_columns(handle: pq.ParquetFile) -> list[str]:
-    """The columns ``check_rows`` reads."""
-    return [c for c in (*_CHECKED, "view") if c in handle.schema_arrow.names]
+def _key_columns(handle: pq.ParquetFile) -> list[str]:
+    """The columns ``unique_keys`` reads."""
+    return [c for c in ("key", "view") if c in handle.schema_arrow.names]
 
 
-def _ascending(keys: pa.ChunkedArray) -> bool:
+def _ascending(keys: pa.Array | pa.ChunkedArray) -> bool:
     """Keys strictly ascending (so unique): one vectorised comparison of neighbours, ~25x faster than hashing
     them with ``unique()`` (which is ~2x faster than ``count_distinct``); parts written in key order pass it."""
     if len(keys) < 2:
         return True
-    flat = keys.combine_chunks()
+    flat = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
     return bool(pc.all(pc.less(flat[:-1], flat[1:])).as_py())
 
 

@@ -105,7 +105,8 @@ def _grid_png(title: str, panels: list[list[tuple]]) -> bytes:
         for c, (key, score, thumb) in enumerate(row):
             top, left = r * (CAPTION + TILE) + CAPTION, c * TILE + PAD
             if thumb is not None:
-                mosaic[top:top + thumb.shape[0], left:left + thumb.shape[1]] = thumb[:TILE - 2 * PAD, :TILE - 2 * PAD]
+                tile = thumb[:TILE - 2 * PAD, :TILE - 2 * PAD]
+                mosaic[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
             ax.text(left + (TILE - 2 * PAD) / 2, top - 2, f"{key[-12:]}\n{score:.3f}", fontsize=6, ha="center",
                     va="bottom")
     ax.imshow(mosaic, interpolation="nearest")

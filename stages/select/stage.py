@@ -167,11 +167,16 @@ def _run_map(maps: PartStore, logits_set: LogitsSet, spec: SelectSpec, exclusion
     write = lambda tmp: map_block(tmp, logits_set, spec, exclusion, block, batch_rows)
     produce = lambda index: maps.commit(index, write, task_info(task_index, num_tasks))
     views = int((logits_set.params.get("views") or {}).get("count", 1))
-    images = sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block) // views  # for the ETA
+    images = block_rows(logits_set, block) // views  # for the ETA
     report = run_parts(maps, [task_index], produce, max_attempts=max_attempts, retry_failed=retry_failed,
                        desc="select map", part_samples=lambda _: images)
     if report.exit_code:
         raise PartFailed(f"{maps.out_dir}: map task {task_index} failed: {report.failed or report.given_up}")
+
+
+def block_rows(logits_set: LogitsSet, block: range) -> int:
+    """Rows of logits parts ``block``, as the manifest lists them."""
+    return sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block)
 
 
 def map_block(tmp: Path, logits_set: LogitsSet, spec: SelectSpec, exclusion: Exclusion | None, block: range,
@@ -213,8 +218,8 @@ def _rank(logits_set: LogitsSet, spec: SelectSpec, scorer: Scorer, exclusion: Ex
     """
     read = ["key", "topk_index", "topk_logit", "lse"] + (["view"] if views else [])
     read += [scorer.lse_column] if scorer.lse_column not in read else []
-    rows = sum(int(logits_set.manifest.files[i].get("rows", 0)) for i in block)
-    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score, expected=rows * spec.depth)
+    expected = block_rows(logits_set, block) * spec.depth  # candidates at most: the first-pass buffers' size
+    bound = ScoreTopK(np.asarray(spec.quotas), floor=spec.min_score, expected=expected)
     scored = lambda part: (_score(scorer, batch, first_id, bound.thr, exclusion, views)
                            for first_id, batch in numbered_batches(logits_set, range(part, part + 1), read, batch_rows))
     images = excluded = 0

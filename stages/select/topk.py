@@ -108,8 +108,9 @@ class ScoreTopK:
     class's exact K_l-th score, keeping every row tied with it: keys, which break those ties, are not at hand.
     The rows kept are thus the exact top K_l plus the ties at the boundary; ``exact_rows`` over them, with
     their payload, gives the exact rows. Memory: buffers of at most ``cap`` rows (twice sum K_l, or the
-    ``expected`` candidates when fewer) at 16 bytes a row, filled in place, the histogram (classes x ``ScoreBins.count`` x 8 bytes) and the exact trim's
-    temporaries (14 bytes a row): O(classes x K) plus the ties at each class's boundary.
+    ``expected`` candidates when fewer) at 16 bytes a row, filled in place, the histogram (classes x
+    ``ScoreBins.count`` x 8 bytes) and the exact trim's temporaries (14 bytes a row): O(classes x K) plus the ties
+    at each class's boundary.
     """
 
     def __init__(self, quotas: np.ndarray, floor: float = 0.0, cap: int | None = None, expected: int = 0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.cli.commands.common import add_task_args, out_location, task_options
-from pipeline.memory import lean_allocation
+from pipeline.memory import one_arena
 from pipeline.options import add_options, as_kwargs, from_args
 from stages.select.options import SelectOptions
 
@@ -28,7 +28,7 @@ def run(args) -> int:
 
     opts, task = from_args(SelectOptions, args), task_options(args)
     index, count = task.resolved()
-    lean_allocation()  # streaming phases, each freeing what it allocated: give it back to the OS between them
+    one_arena()  # its readers' threads free into one arena, which ``release_memory`` trims between phases
     path = select(args.logits, args.out, per_class=args.per_class, **as_kwargs(opts), task_index=index,
                   num_tasks=count, finalize_only=task.finalize, do_finalize=not task.no_finalize,
                   retry_failed=task.retry_failed, max_attempts=task.max_attempts)
